@@ -1,0 +1,558 @@
+"""
+Qwen3-VL: the language model, the multimodal glue, the config and the checkpoints (Qwen3-VL Technical Report §2).
+
+Notable features
+- Qwen3 decoder: RMSNorm pre-norm blocks, grouped-query attention with QK-norm (an RMSNorm over each head's
+  128 dims of q and k, before RoPE), SwiGLU MLP, no biases anywhere, untied or tied LM head.
+- Interleaved MRoPE (rope.py): every token carries a 3-D (t, h, w) position; text advances all three.
+- Visual tokens: the ViT's merged features replace the `<|image_pad|>` / `<|video_pad|>` placeholder embeddings.
+- DeepStack (§2.2): features of intermediate ViT blocks are added to the hidden states at visual positions
+  after each of the first LLM layers.
+- Configs for every released size (`Qwen3VLConfig.from_preset`) plus toy sizes; Hugging Face `config.json` +
+  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`).
+
+Forward pass flow (Qwen3VL.forward)
+    input_ids ──embed_tokens──> x [B, S, H]
+    pixel_values ──VisionEncoder──> tokens [N/4, H], deepstack [3 x [N/4, H]]
+        tokens scattered into x at placeholder positions; deepstack scattered into zero tensors [B, S, H]
+    rope_index(input_ids, grids) ──> 3-D positions [3, B, S] ──mrope_cos_sin──> cos, sin
+    for layer l: x = DecoderLayer_l(x);  if l < 3: x = x + deepstack[l]
+    logits = lm_head(norm(x))  [B, S, V];  loss = cross-entropy of next-token labels (optional)
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rope import apply_rotary, mrope_cos_sin, rope_index
+from vision import VisionEncoder
+
+# ----------------------------------------------------------------------------------------------------------
+# Config (reference §1)
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    num_position_embeddings: int = 2304           # a 48 x 48 learned grid
+    out_hidden_size: int = 4096                   # = the LLM width
+    deepstack_visual_indexes: list = field(default_factory=lambda: [8, 16, 24])
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    mrope_section: list = field(default_factory=lambda: [24, 20, 20])   # sums to head_dim / 2
+    mrope_interleaved: bool = True                # False: Qwen2-VL's chunked t/h/w layout (for ablations)
+    max_position_embeddings: int = 262144
+    # Mixture of experts (moe.py); num_experts == 0 means every layer is a dense SwiGLU MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+
+
+@dataclass
+class Qwen3VLConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A released size ('qwen3-vl-2b', ...) or a toy size ('toy-cpu', 'toy-gpu'); overrides as
+        `text={...}`, `vision={...}` or top-level fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        p = PRESETS[name]
+        text = {**p.get("text", {}), **overrides.pop("text", {})}
+        vision = {**p.get("vision", {}), **overrides.pop("vision", {})}
+        top = {k: v for k, v in p.items() if k not in ("text", "vision")}
+        return cls(text=_build(TextConfig, text, "text"), vision=_build(VisionConfig, vision, "vision"),
+                   **{**top, **overrides})
+
+    # -- Hugging Face config.json (v4 layout; v5's `rope_parameters` is read too) --
+
+    @classmethod
+    def from_hf_dict(cls, d):
+        d = dict(d)
+        model_type = d.pop("model_type", None)
+        if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+            raise ValueError(f"config.json has model_type={model_type!r}; expected 'qwen3_vl' or 'qwen3_vl_moe'")
+        text, vision = dict(d.pop("text_config", {})), dict(d.pop("vision_config", {}))
+        # RoPE: v4 keeps rope_theta + rope_scaling, v5 folds both into rope_parameters
+        rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None) or {}
+        text.pop("rope_scaling", None)
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope type {rope['rope_type']!r} is not supported (only 'default')")
+        if "rope_theta" in rope:
+            text["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            text["mrope_section"] = list(rope["mrope_section"])
+        text["mrope_interleaved"] = rope.get("mrope_interleaved", True)
+        for key, want in (("hidden_act", "silu"), ("attention_bias", False)):
+            if text.pop(key, want) != want:
+                raise ValueError(f"text_config.{key} must be {want!r}")
+        if vision.pop("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise ValueError("vision_config.hidden_act must be 'gelu_pytorch_tanh'")
+        text.pop("norm_topk_prob", None)   # the reference always renormalises the top-k weights (reference §7.12)
+        tie = d.pop("tie_word_embeddings", text.pop("tie_word_embeddings", False))
+        text.pop("tie_word_embeddings", None)
+        for section in (d, text, vision):
+            for k in HF_BOOKKEEPING_KEYS:
+                section.pop(k, None)
+        return cls(text=_build(TextConfig, text, "text_config"), vision=_build(VisionConfig, vision, "vision_config"),
+                   tie_word_embeddings=tie, **_checked(cls, d, "config.json", skip=("text", "vision", "tie_word_embeddings")))
+
+    def to_hf_dict(self):
+        moe = self.text.num_experts > 0
+        text = asdict(self.text)
+        rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
+                "mrope_interleaved": text.pop("mrope_interleaved")}
+        if moe:
+            text["norm_topk_prob"] = True
+        else:
+            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                      "mlp_only_layers", "router_aux_loss_coef"):
+                text.pop(k)
+        text.update(model_type="qwen3_vl_moe_text" if moe else "qwen3_vl_text", hidden_act="silu",
+                    attention_bias=False, rope_scaling=rope, tie_word_embeddings=self.tie_word_embeddings)
+        vision = {**asdict(self.vision), "model_type": "qwen3_vl_moe" if moe else "qwen3_vl",
+                  "hidden_act": "gelu_pytorch_tanh"}
+        return {"architectures": ["Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"],
+                "model_type": "qwen3_vl_moe" if moe else "qwen3_vl", "text_config": text, "vision_config": vision,
+                "tie_word_embeddings": self.tie_word_embeddings, "image_token_id": self.image_token_id,
+                "video_token_id": self.video_token_id, "vision_start_token_id": self.vision_start_token_id,
+                "vision_end_token_id": self.vision_end_token_id}
+
+
+# keys of a Hugging Face config.json that carry no architecture (or a default we always use)
+HF_BOOKKEEPING_KEYS = {"architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "model_type",
+                       "initializer_range", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+                       "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict"}
+
+
+def _checked(cls, d, where, skip=()):
+    """Refuse keys the dataclass does not know: a typo must never be silently ignored."""
+    known = {f.name for f in fields(cls)} - set(skip)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; known: {sorted(known)}")
+    return d
+
+
+def _build(cls, d, where):
+    return cls(**_checked(cls, d, where))
+
+
+_VIT_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
+_VIT_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24])
+PRESETS = {
+    "qwen3-vl-2b": dict(tie_word_embeddings=True, vision=dict(_VIT_SMALL, out_hidden_size=2048),
+                        text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                  num_attention_heads=16, num_key_value_heads=8)),
+    "qwen3-vl-4b": dict(tie_word_embeddings=True, vision=dict(_VIT_SMALL, out_hidden_size=2560),
+                        text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                  num_attention_heads=32, num_key_value_heads=8)),
+    "qwen3-vl-8b": dict(vision=dict(_VIT_LARGE, out_hidden_size=4096),
+                        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                  num_attention_heads=32, num_key_value_heads=8)),
+    "qwen3-vl-32b": dict(vision=dict(_VIT_LARGE, out_hidden_size=5120),
+                         text=dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                                   num_attention_heads=64, num_key_value_heads=8)),
+    # toy sizes: same architecture, trains on a laptop CPU in minutes (toy-cpu) or on one GPU in an hour (toy-gpu);
+    # vocab_size and the special token ids come from the tokenizer trained for the run
+    "toy-cpu": dict(tie_word_embeddings=True,
+                    vision=dict(depth=4, hidden_size=128, intermediate_size=384, num_heads=4,
+                                num_position_embeddings=64, out_hidden_size=192, deepstack_visual_indexes=[1, 2]),
+                    text=dict(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                              num_attention_heads=6, num_key_value_heads=2, head_dim=32, mrope_section=[8, 4, 4],
+                              max_position_embeddings=4096, rope_theta=10000.0)),
+    "toy-gpu": dict(tie_word_embeddings=True,
+                    vision=dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+                                out_hidden_size=1024, deepstack_visual_indexes=[3, 7, 11]),
+                    text=dict(vocab_size=8192, hidden_size=1024, intermediate_size=3072, num_hidden_layers=16,
+                              num_attention_heads=16, num_key_value_heads=4, head_dim=64, mrope_section=[12, 10, 10],
+                              max_position_embeddings=16384)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Qwen3 decoder (reference §3.2)
+
+
+class RMSNorm(nn.Module):
+    """w * (x / rms(x)): normalised in float32, cast back to the input dtype, then scaled by the weight."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal attention with QK-norm and MRoPE; n_kv heads are shared by n_heads/n_kv q heads."""
+
+    def __init__(self, cfg: TextConfig, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)    # one weight shared by all heads
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, nh, S, hd]
+        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)     # [B, nkv, S, hd]
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)                  # [B, nkv, S, hd]
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # rotated in the activation dtype
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, past + S, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)              # [B, nh, S, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder layers and final norm (the checkpoint's `model.language_model`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """
+    Preallocated keys and values of every layer for generation: k, v [L, B, n_kv, max_len, head_dim].
+    `pos` counts the positions already written; `rope_deltas` [B, 1] is set by the prefill (rope.rope_index)
+    and belongs to this request only, so decoding never reuses another batch's deltas (reference §7.3).
+    """
+
+    def __init__(self, cfg: TextConfig, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.pos, self.rope_deltas = max_len, 0, None
+
+    def update(self, layer, k, v):
+        S = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + S] = k
+        self.v[layer, :, :, self.pos:self.pos + S] = v
+        return self.k[layer, :, :, :self.pos + S], self.v[layer, :, :, :self.pos + S]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The vision-language model
+
+
+class Qwen3VL(nn.Module):
+    def __init__(self, cfg: Qwen3VLConfig):
+        super().__init__()
+        if sum(cfg.text.mrope_section) * 2 != cfg.text.head_dim:
+            raise ValueError(f"mrope_section {cfg.text.mrope_section} must sum to head_dim/2 = {cfg.text.head_dim // 2}")
+        if cfg.vision.out_hidden_size != cfg.text.hidden_size:
+            raise ValueError("vision.out_hidden_size must equal text.hidden_size")
+        if len(cfg.vision.deepstack_visual_indexes) > cfg.text.num_hidden_layers:
+            raise ValueError("more DeepStack levels than LLM layers")
+        self.cfg = cfg
+        self.visual = VisionEncoder(cfg.vision)
+        self.language_model = TextModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Initialisation for training from scratch (as the reference's `_init_weights`): every Linear and
+        Embedding ~ N(0, 0.02), biases 0, norm weights 1 (LayerNorm biases 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())       # tied weights are counted once
+
+    def get_position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
+        """3-D positions [3, B, S] and rope_deltas [B, 1] of a prompt (rope.rope_index)."""
+        return rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                          image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
+                          spatial_merge_size=self.cfg.vision.spatial_merge_size)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """
+        Token embeddings with visual features in the placeholder positions, and the DeepStack features laid out
+        on the same sequence grid: x [B, S, H], deepstack list of [B, S, H] (zero outside visual positions) or None.
+        """
+        x = self.language_model.embed_tokens(input_ids)                                  # [B, S, H]
+        deepstack = None
+        for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                             ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{name} pixels were given without their {name}_grid_thw")
+            feats, ds = self.visual(pixels, grid)                                         # [n_tok, H], [n_tok, H] x L
+            mask = (input_ids == token_id)[..., None]                                     # [B, S, 1]
+            n_slots = int(mask.sum())
+            if n_slots != feats.shape[0]:
+                raise ValueError(f"{name} placeholder tokens ({n_slots}) do not match the {name} features "
+                                 f"({feats.shape[0]} from grids {grid.tolist()})")
+            x = x.masked_scatter(mask, feats.to(x.dtype))
+            ds = [torch.zeros_like(x).masked_scatter(mask, d.to(x.dtype)) for d in ds]   # [B, S, H] each
+            deepstack = ds if deepstack is None else [a + b for a, b in zip(deepstack, ds)]
+        return x, deepstack
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None):
+        """
+        input_ids [B, S]; attention_mask [B, S] (or [B, past + S] with a kv_cache), 1 = real token, left padding;
+        pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
+        labels [B, S] (-100 = ignored; shifted inside); position_ids [3, B, S] to override rope_index;
+        kv_cache: a KVCache to read and extend (generation).
+        Returns logits [B, S, V] and the mean next-token cross-entropy (None without labels).
+        """
+        B, S = input_ids.shape
+        cfg = self.cfg.text
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + S > cfg.max_position_embeddings or (kv_cache is not None and past + S > kv_cache.max_len):
+            raise ValueError(f"sequence of {past + S} tokens is longer than the context "
+                             f"({min(cfg.max_position_embeddings, kv_cache.max_len if kv_cache else math.inf)})")
+        x, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+
+        if position_ids is None:
+            if past == 0:
+                position_ids, rope_deltas = self.get_position_ids(input_ids, None if attention_mask is None
+                                                                  else attention_mask[:, -S:], image_grid_thw, video_grid_thw)
+                if kv_cache is not None:
+                    kv_cache.rope_deltas = rope_deltas
+            else:   # decoding continues every axis from the prefill's offset
+                position_ids = (past + torch.arange(S, device=x.device))[None] + kv_cache.rope_deltas    # [B, S]
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                                 cfg.mrope_interleaved)                                     # [B, S, hd] float32
+
+        # attention mask [B, 1, S, past + S]: causal and not padding; every query keeps its own key so that the
+        # rows of padding tokens never become all -inf (which would turn them, and through v, others, into NaN)
+        mask = None
+        if attention_mask is not None or past > 0:
+            q_pos = past + torch.arange(S, device=x.device)                                # [S]
+            k_pos = torch.arange(past + S, device=x.device)                                # [K]
+            mask = k_pos[None, :] <= q_pos[:, None]                                        # [S, K]
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, :]                            # [B, S, K]
+                mask = mask | (k_pos[None, :] == q_pos[:, None])
+            mask = mask.view(-1, 1, S, past + S)
+
+        for i, layer in enumerate(self.language_model.layers):
+            x = layer(x, cos, sin, mask, kv_cache)
+            if deepstack is not None and i < len(deepstack):
+                x = x + deepstack[i]                          # DeepStack: zero except at visual positions
+        if kv_cache is not None:
+            kv_cache.pos += S
+        logits = self.lm_head(self.language_model.norm(x))                                 # [B, S, V]
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------------
+    # Checkpoints: Hugging Face Qwen3-VL directories (config.json + safetensors, one file or a sharded index)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        """Build on the meta device, then load every tensor from the safetensors files (never pickle)."""
+        from safetensors import safe_open
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path!r} is not a Qwen3-VL checkpoint directory: no config.json")
+        with open(cfg_file) as f:
+            cfg = Qwen3VLConfig.from_hf_dict(json.load(f))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            pickled = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+            hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}{hint}")
+        hf = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"checkpoint shard {file!r} listed in the index is missing")
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        hf[key] = f.get_tensor(key)
+            except Exception as e:
+                raise ValueError(f"cannot read safetensors file {file!r}: {e}") from e
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(model._from_hf_state_dict(hf), strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json and safetensors shards that `transformers` loads; files appear atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        hf = self._to_hf_state_dict()
+        shards, size = [[]], 0
+        for key, t in hf.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += nbytes
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, keys in zip(names, shards):
+            _atomic(os.path.join(path, name), lambda p: save_file({k: hf[k] for k in keys}, p, metadata={"format": "pt"}))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())},
+                     "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+            _atomic(os.path.join(path, "model.safetensors.index.json"), lambda p: _write_json(index, p))
+        hf_cfg = {**self.cfg.to_hf_dict(), "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        _atomic(os.path.join(path, "config.json"), lambda p: _write_json(hf_cfg, p))
+
+    def _from_hf_state_dict(self, hf):
+        """Map checkpoint keys to ours; every missing, unexpected or mis-shaped tensor is an error naming it."""
+        ours = self.state_dict()
+        if self.cfg.tie_word_embeddings:
+            ours.pop("lm_head.weight")
+            hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}   # may or may not be stored when tied
+        sd, unexpected = {}, []
+        for key, t in hf.items():
+            name = _hf_to_ours(key)
+            if name not in ours:
+                unexpected.append(key)
+                continue
+            if name == PATCH_EMBED:                        # Conv3d [D, 3, 2, 16, 16] -> Linear [D, 1536]
+                t = t.reshape(t.shape[0], -1)
+            if t.shape != ours[name].shape:
+                raise ValueError(f"checkpoint tensor {key!r} has shape {list(t.shape)}, the config expects "
+                                 f"{list(ours[name].shape)}")
+            sd[name] = t
+        missing = sorted(set(ours) - set(sd))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the config: missing {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]}"
+                             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
+        return sd
+
+    def _to_hf_state_dict(self):
+        v = self.cfg.vision
+        hf = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            if name == PATCH_EMBED:                        # Linear [D, 1536] -> Conv3d [D, 3, 2, 16, 16]
+                t = t.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+            hf[_ours_to_hf(name)] = t.detach().contiguous()
+        return hf
+
+
+# The whole key table: our module tree mirrors the checkpoint's below these prefixes.
+HF_PREFIXES = [("model.visual.", "visual."), ("model.language_model.", "language_model."), ("lm_head.", "lm_head.")]
+PATCH_EMBED = "visual.patch_embed.proj.weight"      # the one tensor whose layout differs (Conv3d vs Linear)
+
+
+def _hf_to_ours(key):
+    for hf, ours in HF_PREFIXES:
+        if key.startswith(hf):
+            return ours + key[len(hf):]
+    return key
+
+
+def _ours_to_hf(name):
+    for hf, ours in HF_PREFIXES:
+        if name.startswith(ours):
+            return hf + name[len(ours):]
+    raise KeyError(name)
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _atomic(path, write):
+    """write(tmp) then rename over path: a crash mid-write never leaves a truncated file at `path`."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)

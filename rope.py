@@ -1,0 +1,154 @@
+"""
+Rotary position embeddings of Qwen3-VL (Qwen3-VL Technical Report, §2.1).
+
+Three pieces live here, in the order the model uses them:
+
+1. `vision_cos_sin`   2-D axial RoPE of the ViT: half of the rotary frequencies turn with the patch row,
+                      half with the patch column (no temporal rotation inside the ViT).
+2. `rope_index`       3-D (t, h, w) position ids of every LLM token for any mix of text, images and
+                      timestamped video frame groups, with left padding, plus the `rope_delta` that decoding
+                      continues from. Text advances all three axes together; a visual block of a merged
+                      grid (h, w) shares one t and spreads h/w over its rows and columns.
+3. `mrope_cos_sin`    Interleaved MRoPE: the 64 frequency slots of a 128-dim head are assigned to the axes as
+                      THW THW ... THW TTTT (Qwen3-VL) instead of Qwen2-VL's chunked TTT..HHH..WWW (kept behind
+                      `interleaved=False` for ablations). Pure text has t = h = w, so it reduces to 1-D RoPE.
+
+`apply_rotary` rotates q/k with the usual rotate-half pairing (dim i with dim i + d/2).
+
+Everything is vectorised (no Python loop over samples or images) and has no host synchronisation, so it runs
+inside a compiled forward. Angles are always computed in float32 (reference gotchas §7.6/7.7: bf16 angles
+lose exactness past position 256).
+"""
+import torch
+
+
+def rotate_half(x):
+    """[..., d] -> [..., d]: (x1, x2) -> (-x2, x1) with x1, x2 the two halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x [..., S, d] by angles whose cos/sin broadcast to it. Computed in cos.dtype, returned in x.dtype."""
+    xf = x.to(cos.dtype)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def inv_freq(dim, theta):
+    """The dim/2 rotary frequencies 1 / theta^(2i/dim), float32. [dim/2]"""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Vision 2-D RoPE (reference §2.3)
+
+def vision_cos_sin(rows, cols, head_dim, theta=10000.0):
+    """
+    rows, cols: [N] patch row / column inside its image (same for every frame of a video).
+    Returns cos, sin: [N, head_dim] float32. The first quarter of the frequencies turns with the row and the
+    second quarter with the column; the angle vector is then duplicated for the rotate-half pairing.
+    """
+    freqs = inv_freq(head_dim // 2, theta).to(rows.device)                 # [head_dim/4]
+    angles = torch.cat([rows[:, None].float() * freqs,
+                        cols[:, None].float() * freqs], dim=-1)            # [N, head_dim/2]
+    emb = torch.cat([angles, angles], dim=-1)                              # [N, head_dim]
+    return emb.cos(), emb.sin()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. 3-D position ids (reference §3.5)
+
+def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
+               image_token_id, video_token_id, spatial_merge_size=2):
+    """
+    input_ids:      [B, S] token ids (left padded)
+    attention_mask: [B, S] 1 for real tokens, 0 for padding (or None)
+    image_grid_thw: [n_images, 3] (t, h, w) in patches, in order of appearance (or None)
+    video_grid_thw: [n_videos, 3] likewise; each video is a run of t frame groups, each group its own
+                    `<|vision_start|><|video_pad|>...<|vision_end|>` block after a text timestamp
+    Returns position_ids [3, B, S] (rows t, h, w; padding gets 1 as in the reference) and
+    rope_deltas [B, 1] = max position + 1 - S, so that decode step k (0-based, after the S prompt tokens)
+    sits at position S + k + rope_delta on all three axes.
+
+    How it works, without a loop: every real token "advances" the running position. A text token advances it
+    by 1; a visual block of merged grid (h', w') advances it by max(h', w') in total (charged to its first token).
+    The exclusive prefix sum of the advances is each token's start position `st`. A text token sits at
+    (st, st, st); the k-th token of a visual block that starts at `st0` sits at (st0, st0 + k // w', st0 + k % w').
+    """
+    B, S = input_ids.shape
+    device = input_ids.device
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+    # per-block merged grid (h', w'), images and video frame groups listed separately in order of appearance
+    m = spatial_merge_size
+    def block_hw(grid):                                    # grid [n, 3] -> [sum t, 2] one row per frame group
+        if grid is None or grid.numel() == 0:
+            return torch.zeros(0, 2, dtype=torch.long, device=device)
+        grid = grid.to(device)
+        groups = grid.repeat_interleave(grid[:, 0], dim=0)  # videos split into their frame groups (t -> 1)
+        return groups[:, 1:] // m
+    img_hw, vid_hw = block_hw(image_grid_thw), block_hw(video_grid_thw)
+
+    is_img = (input_ids == image_token_id) & valid           # [B, S]
+    is_vid = (input_ids == video_token_id) & valid
+    is_vis = is_img | is_vid
+    # a block starts where a visual token follows a token that is not of the same kind
+    prev_img = torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+    prev_vid = torch.nn.functional.pad(is_vid, (1, 0))[:, :-1]
+    img_start = is_img & ~prev_img                           # [B, S]
+    vid_start = is_vid & ~prev_vid
+    # index of each token's block among all image (video) blocks of the batch, row-major = order of appearance
+    img_block = (img_start.flatten().cumsum(0) - 1).view(B, S).clamp(min=0)
+    vid_block = (vid_start.flatten().cumsum(0) - 1).view(B, S).clamp(min=0)
+    zero = torch.zeros(B, S, 2, dtype=torch.long, device=device)
+    hw = torch.where(is_img[..., None], img_hw[img_block] if len(img_hw) else zero, zero)
+    hw = torch.where(is_vid[..., None], vid_hw[vid_block] if len(vid_hw) else zero, hw)   # [B, S, 2]
+    w = hw[..., 1].clamp(min=1)
+
+    # offset k of each visual token inside its block: index minus the index of the block's first token
+    idx = torch.arange(S, device=device).expand(B, S)
+    start_idx = torch.where(img_start | vid_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    k = idx - start_idx                                      # [B, S], meaningful on visual tokens
+
+    advance = torch.where(is_vis, torch.zeros_like(idx), valid.long())
+    advance = torch.where(img_start | vid_start, hw.max(dim=-1).values, advance)
+    st = advance.cumsum(dim=1) - advance                     # exclusive prefix sum: start position of each token
+    # every visual token of a block shares the start of its first token: carry it forward with cummax
+    st0 = torch.where(img_start | vid_start, st, torch.zeros_like(st)).cummax(dim=1).values
+
+    t_pos = torch.where(is_vis, st0, st)
+    h_pos = torch.where(is_vis, st0 + k // w, st)
+    w_pos = torch.where(is_vis, st0 + k % w, st)
+    pos = torch.stack([t_pos, h_pos, w_pos])                 # [3, B, S]
+    pos = torch.where(valid[None], pos, torch.ones_like(pos))
+
+    max_pos = torch.where(valid[None], pos, torch.zeros_like(pos)).amax(dim=(0, 2))    # [B]
+    rope_deltas = (max_pos + 1 - S)[:, None]                 # [B, 1]
+    return pos, rope_deltas
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Interleaved MRoPE (reference §3.4)
+
+def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), interleaved=True):
+    """
+    position_ids: [3, B, S] (t, h, w) positions, or [B, S] for plain 1-D positions.
+    Returns cos, sin: [B, S, head_dim] float32.
+    Interleaved (Qwen3-VL): frequency slot i uses axis h if i % 3 == 1 and i < 3*sections[1], axis w if
+    i % 3 == 2 and i < 3*sections[2], else t. Chunked (Qwen2-VL): the first sections[0] slots use t, the next
+    sections[1] use h, the last sections[2] use w.
+    """
+    if position_ids.dim() == 2:
+        position_ids = position_ids[None].expand(3, -1, -1)
+    freqs = inv_freq(head_dim, theta).to(position_ids.device)                  # [head_dim/2]
+    angles = position_ids[..., None].float() * freqs                            # [3, B, S, head_dim/2]
+    slot = torch.arange(head_dim // 2, device=position_ids.device)
+    if interleaved:
+        axis = torch.zeros_like(slot)
+        axis[(slot % 3 == 1) & (slot < 3 * mrope_section[1])] = 1
+        axis[(slot % 3 == 2) & (slot < 3 * mrope_section[2])] = 2
+    else:
+        axis = torch.repeat_interleave(torch.arange(3, device=slot.device), torch.tensor(mrope_section, device=slot.device))
+    angles = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]  # [B, S, head_dim/2]
+    emb = torch.cat([angles, angles], dim=-1)                                   # [B, S, head_dim]
+    return emb.cos(), emb.sin()
