@@ -509,6 +509,8 @@ class Qwen3VL(nn.Module):
                                  f"{list(ours[name].shape)}")
             sd[name] = t
         missing = sorted(set(ours) - set(sd))
+        if self.cfg.tie_word_embeddings and "language_model.embed_tokens.weight" in sd:
+            sd["lm_head.weight"] = sd["language_model.embed_tokens.weight"]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the config: missing {missing[:10]}"
                              f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]}"

@@ -1,0 +1,631 @@
+"""
+ToyWorld: a procedural, seeded world of coloured shapes, written words and short videos.
+
+It is the dataset of the README's main run: a tiny Qwen3-VL trained for a few minutes on a laptop
+CPU has to learn from it, so everything is deliberately simple and clean: small images (64x64 by
+default), four large, clearly distinct shapes, five saturated colours on a dark background, words
+from a vocabulary of sixteen, and short templated answers. Yet every part of the model gets work:
+
+    caption    "Describe the image."                  -> "A red circle and a blue square."
+    attribute  "What color is the circle?"            -> "red"
+    count      "How many triangles are there?"        -> "3"
+    bbox       "Locate the red circle ... JSON ..."   -> {"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}
+    point      "Point to the red circle ... JSON ..." -> {"point_2d": [x, y], "label": "red circle"}
+    ocr        "What word is written in the image?"   -> "FISH"
+    compare    two images: "Which image has more circles?" -> "The second image."
+    video      12 frames at 2 fps: "When does the red circle appear?" -> "2.0 seconds"
+    think      "How many circles and squares are there in total?" -> "<think>\n...\n</think>\n\n5"
+    text       no image: "What is 3 + 4?" -> "7"
+
+Coordinates follow Qwen3-VL: integers in a [0, 1000] frame relative to the image, round(x / W * 1000).
+
+A sample is a pure function of (world seed, split, index): the same triple always gives the same
+pixels and text, and the three splits draw from disjoint seed ranges. Nothing is stored except the
+mp4 files of videos, which are cached on disk under a hash of their frames.
+
+    world = ToyWorld(seed=0, image_size=64)
+    s = world.sample("train", 7)                 # a random task
+    s = world.sample("test", 7, task="count")    # a chosen task
+    TASKS["count"].score("3", s), TASKS["count"].chance
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# -----------------------------------------------------------------------------
+# The world's vocabulary
+
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+COLORS = {  # saturated and far apart, so a 16-pixel patch is enough to tell them apart
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (170, 60, 220),
+}
+COLOR_NAMES = tuple(COLORS)
+BACKGROUND = (20, 20, 20)
+TEXT_COLOR = (245, 245, 245)
+WORDS = (  # 3 to 5 capital letters; a closed vocabulary keeps OCR learnable by a tiny model
+    "CAT", "DOG", "SUN", "SKY", "FISH", "BIRD", "TREE", "MOON",
+    "STAR", "BOAT", "FROG", "LAMP", "APPLE", "HOUSE", "WATER", "LEMON",
+)
+
+# Object sizes, as fractions of the image side: large when a scene holds few objects, small when many.
+LARGE = (0.25, 0.40)
+SMALL = (0.18, 0.24)
+GAP = 2  # pixels kept free between objects, so every object is its own connected blob
+
+# Videos: 12 frames at 2 fps, 6 seconds. Qwen3-VL's vision tower fuses every 2 consecutive frames into
+# one temporal patch, so objects appear and vanish only at the first frame of such a pair: every event
+# then falls on a temporal patch boundary, one of the timestamps the model is shown.
+VIDEO_FRAMES = 12
+VIDEO_FPS = 2
+EVENT_STRIDE = 2  # frames between possible event times (= the temporal patch size)
+SLOTS = VIDEO_FRAMES // EVENT_STRIDE  # 6 possible event times: 0.0, 1.0, ..., 5.0 seconds
+TIME_TOLERANCE = EVENT_STRIDE / VIDEO_FPS / 2  # 0.5 s: a guess is right only if it is nearer the true slot than any other
+
+SPLITS = ("train", "val", "test")
+MAX_INDEX = 2**32  # each (seed, split) owns the seed range [k * 2**32, (k + 1) * 2**32)
+
+# -----------------------------------------------------------------------------
+# Drawing. Shapes are drawn without antialiasing, so each object's pixels have exactly its colour.
+
+
+def draw_shape(draw, shape, x, y, d, fill):
+    """Draw a filled shape inside the d x d square whose top-left pixel is (x, y)."""
+    x1, y1 = x + d - 1, y + d - 1  # PIL's boxes include their last pixel
+    if shape == "circle":
+        draw.ellipse([x, y, x1, y1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x, y, x1, y1], fill=fill)
+    elif shape == "triangle":  # pointing up
+        draw.polygon([(x + (d - 1) // 2, y), (x1, y1), (x, y1)], fill=fill)
+    elif shape == "cross":  # a plus sign whose bars are a third of the size thick
+        t = d // 3
+        draw.rectangle([x, y + t, x1, y1 - t], fill=fill)
+        draw.rectangle([x + t, y, x1 - t, y1], fill=fill)
+
+
+def object_mask(obj, size):
+    """Boolean [size, size] array: the pixels the object covers."""
+    img = Image.new("1", (size, size))
+    draw_shape(ImageDraw.Draw(img), obj["shape"], obj["x"], obj["y"], obj["d"], 1)
+    return np.array(img)
+
+
+def mask_box(mask):
+    """Tight pixel box (x1, y1, x2, y2) of a mask, end exclusive: x2 - x1 is the width."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def relative(v, size):
+    """A pixel coordinate in Qwen3-VL's [0, 1000] frame."""
+    return round(v / size * 1000)
+
+
+@lru_cache(maxsize=None)
+def word_font(image_size):
+    """Pillow's built-in font, scaled so that a five-letter word spans most of the image."""
+    return ImageFont.load_default(size=max(8, round(0.22 * image_size)))
+
+
+def word_extent(text, image_size):
+    """Ink box (left, top, right, bottom) of a word drawn at the origin, bold (stroke 1)."""
+    return word_font(image_size).getbbox(text, stroke_width=1)
+
+
+def draw_scene(scene, size):
+    """Paint a scene ({"objects": [...], "word": {...} or None}) into a PIL RGB image."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene["objects"]:
+        draw_shape(draw, o["shape"], o["x"], o["y"], o["d"], COLORS[o["color"]])
+    if scene["word"] is not None:
+        w = scene["word"]
+        draw.text((w["x"], w["y"]), w["text"], font=word_font(size), fill=TEXT_COLOR,
+                  stroke_width=1, stroke_fill=TEXT_COLOR)
+    return img
+
+
+def draw_video(tracks, size):
+    """uint8 [T, size, size, 3] frames: each object is drawn where its track puts it (None: not visible)."""
+    frames = []
+    for f in range(VIDEO_FRAMES):
+        objects = [{**t, "x": t["path"][f][0], "y": t["path"][f][1]} for t in tracks if t["path"][f] is not None]
+        frames.append(np.asarray(draw_scene({"objects": objects, "word": None}, size)))
+    return np.stack(frames)
+
+
+def write_mp4(frames, fps, path):
+    """Encode frames as H.264 (crf 0: as lossless as 4:2:0 colour allows) at a fixed frame rate."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.mp4")  # write aside, then rename: parallel workers never see half a file
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "0"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Scene building: random objects placed without touching each other.
+
+
+def place(rng, objects, size, taken=(), region=None):
+    """Give each object (with its size d already chosen) a top-left corner (x, y) so that no two
+    objects, nor an object and a box in `taken`, come closer than GAP pixels. `region` (x1, y1, x2, y2)
+    confines them, one pixel in from its border. If an object finds no room the whole scene is tried
+    again; the sizes used by the tasks leave plenty of room, so this almost never happens."""
+    x1, y1, x2, y2 = region or (0, 0, size, size)
+    for _ in range(100):
+        boxes = list(taken)
+        for o in objects:
+            for _ in range(100):
+                x, y = rng.randint(x1 + 1, x2 - 1 - o["d"]), rng.randint(y1 + 1, y2 - 1 - o["d"])
+                box = (x, y, x + o["d"], y + o["d"])
+                if all(box[0] >= b[2] + GAP or b[0] >= box[2] + GAP or box[1] >= b[3] + GAP or b[1] >= box[3] + GAP
+                       for b in boxes):
+                    o["x"], o["y"] = x, y
+                    boxes.append(box)
+                    break
+            else:
+                break  # no room for this object: start the scene again
+        else:
+            return objects
+    raise RuntimeError("could not place the objects; are they too large for the image?")
+
+
+def new_object(rng, size, shape, color, scale):
+    return {"shape": shape, "color": color, "d": rng.randint(round(scale[0] * size), round(scale[1] * size))}
+
+
+def random_word(rng, size, text=None):
+    """A word at a random place, fully inside the image. Returns the word and its ink box."""
+    text = text or rng.choice(WORDS)
+    left, top, right, bottom = word_extent(text, size)
+    x = rng.randint(1, size - 1 - (right - left))
+    y = rng.randint(1, size - 1 - (bottom - top))
+    word = {"text": text, "x": x - left, "y": y - top}  # PIL wants the origin, not the ink corner
+    return word, (x, y, x + right - left, y + bottom - top)
+
+
+def scene(objects, word=None):
+    return {"objects": objects, "word": word}
+
+
+def name(obj):
+    return f"{obj['color']} {obj['shape']}"
+
+
+def a_name(obj):
+    return f"a {name(obj)}"
+
+
+def enumerate_words(items):
+    """["a", "b", "c"] -> "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def distinct_objects(rng, size, n, scale):
+    """n objects with different (colour, shape) pairs, so that "the red circle" names exactly one."""
+    pairs = rng.sample([(c, s) for c in COLOR_NAMES for s in SHAPES], n)
+    return [new_object(rng, size, s, c, scale) for c, s in pairs]
+
+
+def n_of(k, shape):
+    return f"{k} {shape if k == 1 else PLURAL[shape]}"
+
+
+# -----------------------------------------------------------------------------
+# Tasks. Each `make_*` draws one problem from a random.Random and returns a spec:
+#   kind: which question template family (the chance level is computed per kind),
+#   question, answer: the user's text and the assistant's full reply,
+#   scenes: one {"objects", "word"} per image (empty for video and text-only samples),
+#   tracks: the video's objects, with a per-frame path (only for video samples),
+#   info: what the scorer needs beyond the answer text.
+
+
+def make_caption(rng, size):
+    word, word_box = random_word(rng, size) if rng.random() < 0.25 else (None, None)
+    objects = distinct_objects(rng, size, rng.randint(1, 2 if word else 3), SMALL if word else LARGE)  # words take room
+    place(rng, objects, size, taken=[word_box] if word else [])
+    items = [a_name(o) for o in sorted(objects, key=lambda o: o["x"] + o["d"] / 2)]  # left to right
+    if word:
+        items.append(f"the word {word['text']}")
+    question = rng.choice(["Describe the image.", "What is in the image?", "Write a short caption for the image."])
+    answer = enumerate_words(items)
+    return dict(kind="caption", question=question, answer=answer[0].upper() + answer[1:] + ".",
+                scenes=[scene(objects, word)])
+
+
+def make_attribute(rng, size):
+    # One or two objects with different shapes and different colours, so each question has one answer.
+    n = rng.randint(1, 2)
+    shapes, colors = rng.sample(SHAPES, n), rng.sample(COLOR_NAMES, n)
+    objects = place(rng, [new_object(rng, size, s, c, LARGE) for s, c in zip(shapes, colors)], size)
+    target = objects[0]
+    if rng.random() < 0.5:
+        kind, question, answer = "color", f"What color is the {target['shape']}?", target["color"]
+    else:
+        kind, question, answer = "shape", f"What shape is the {target['color']} object?", target["shape"]
+    return dict(kind=kind, question=question, answer=answer, scenes=[scene(objects)])
+
+
+def counting_scene(rng, size, k, kind, key):
+    """k objects whose `kind` ("shape" or "color") is `key`, plus up to two that differ in it."""
+    if kind == "all":
+        objects = [new_object(rng, size, rng.choice(SHAPES), rng.choice(COLOR_NAMES), SMALL) for _ in range(k)]
+    elif kind == "shape":
+        others = [s for s in SHAPES if s != key]
+        objects = [new_object(rng, size, key, rng.choice(COLOR_NAMES), SMALL) for _ in range(k)]
+        objects += [new_object(rng, size, rng.choice(others), rng.choice(COLOR_NAMES), SMALL)
+                    for _ in range(rng.randint(0, 2))]
+    else:
+        others = [c for c in COLOR_NAMES if c != key]
+        objects = [new_object(rng, size, rng.choice(SHAPES), key, SMALL) for _ in range(k)]
+        objects += [new_object(rng, size, rng.choice(SHAPES), rng.choice(others), SMALL)
+                    for _ in range(rng.randint(0, 2))]
+    rng.shuffle(objects)  # so targets are not always placed first
+    return place(rng, objects, size)
+
+
+def make_count(rng, size):
+    kind, k = rng.choice(["shape", "color", "all"]), rng.randint(1, 4)
+    key = rng.choice(SHAPES) if kind == "shape" else rng.choice(COLOR_NAMES)
+    objects = counting_scene(rng, size, k, kind, key)
+    if kind == "shape":
+        question = f"How many {PLURAL[key]} are there?"
+    elif kind == "color":
+        question = f"How many {key} shapes are there?"
+    else:
+        question = "How many shapes are there?"
+    return dict(kind=kind, question=question, answer=str(k), scenes=[scene(objects)])
+
+
+def grounding_scene(rng, size):
+    objects = place(rng, distinct_objects(rng, size, rng.randint(1, 3), LARGE), size)
+    return objects, objects[rng.randrange(len(objects))]
+
+
+def make_bbox(rng, size):
+    objects, target = grounding_scene(rng, size)
+    x1, y1, x2, y2 = mask_box(object_mask(target, size))
+    box = [relative(x1, size), relative(y1, size), relative(x2, size), relative(y2, size)]
+    question = f"Locate the {name(target)} and output its bbox coordinates in JSON format."
+    answer = json.dumps({"bbox_2d": box, "label": name(target)})
+    return dict(kind="bbox", question=question, answer=answer, scenes=[scene(objects)])
+
+
+def make_point(rng, size):
+    objects, target = grounding_scene(rng, size)
+    mask = object_mask(target, size)
+    ys, xs = np.nonzero(mask)
+    point = [relative(xs.mean() + 0.5, size), relative(ys.mean() + 0.5, size)]  # the centroid of its pixels
+    question = f"Point to the {name(target)} and output its coordinates in JSON format."
+    answer = json.dumps({"point_2d": point, "label": name(target)})
+    return dict(kind="point", question=question, answer=answer, scenes=[scene(objects)], info={"mask": mask})
+
+
+def make_ocr(rng, size):
+    word, word_box = random_word(rng, size)
+    objects = [new_object(rng, size, rng.choice(SHAPES), rng.choice(COLOR_NAMES), SMALL)
+               for _ in range(rng.randint(0, 1))]  # sometimes a shape beside the word, as a distractor
+    place(rng, objects, size, taken=[word_box])
+    question = rng.choice(["What word is written in the image?", "Read the text in the image."])
+    return dict(kind="ocr", question=question, answer=word["text"], scenes=[scene(objects, word)])
+
+
+def make_compare(rng, size):
+    kind = rng.choice(["more", "same_color", "same_shape"])
+    if kind == "more":  # different numbers of one shape, plus maybe a distractor of another shape
+        shape = rng.choice(SHAPES)
+        counts = rng.sample(range(1, 5), 2)
+        scenes = [scene(counting_scene(rng, size, k, "shape", shape)) for k in counts]
+        question = f"Which image has more {PLURAL[shape]}?"
+        answer = "The first image." if counts[0] > counts[1] else "The second image."
+    else:  # one object per image; the asked attribute is the same half of the time
+        attr = kind.removeprefix("same_")
+        same = rng.random() < 0.5
+        values = list(COLOR_NAMES if attr == "color" else SHAPES)
+        first = rng.choice(values)
+        second = first if same else rng.choice([v for v in values if v != first])
+        scenes = []
+        for value in (first, second):
+            shape = value if attr == "shape" else rng.choice(SHAPES)
+            color = value if attr == "color" else rng.choice(COLOR_NAMES)
+            scenes.append(scene(place(rng, [new_object(rng, size, shape, color, LARGE)], size)))
+        question = {"color": "Are the shapes in the two images the same color?",
+                    "shape": "Do the two images show the same kind of shape?"}[attr]
+        answer = "Yes." if same else "No."
+    return dict(kind=kind, question=question, answer=answer, scenes=scenes)
+
+
+def make_video(rng, size):
+    # One or two objects, each in its own lane (left or right half) so that they never overlap.
+    # Each is visible from slot `start` to just before slot `end` (end = SLOTS: until the last frame),
+    # sliding in a straight line meanwhile.
+    n = rng.randint(1, 2)
+    objects = distinct_objects(rng, size, n, (0.25, 0.35))
+    kind = rng.choice(["appear", "vanish"])
+    lanes = [(0, 0, size, size)] if n == 1 else rng.sample([(0, 0, size // 2, size), (size // 2, 0, size, size)], 2)
+    tracks = []
+    for i, (o, lane) in enumerate(zip(objects, lanes)):
+        if i == 0 and kind == "vanish":  # the asked object: its asked event time is uniform over the slots
+            end = rng.randint(1, SLOTS - 1)
+            start = rng.randint(0, end - 1)
+        else:
+            start = rng.randint(0, SLOTS - 2) if i == 0 else rng.randint(0, SLOTS - 1)
+            end = rng.randint(start + 1, SLOTS)
+        a, b = start * EVENT_STRIDE, end * EVENT_STRIDE  # first visible frame, first frame gone
+        first, last = place(rng, [dict(o)], size, region=lane)[0], place(rng, [dict(o)], size, region=lane)[0]
+        (x0, y0), (x1, y1) = (first["x"], first["y"]), (last["x"], last["y"])
+        path = [None] * VIDEO_FRAMES  # (x, y) of the object in each frame, None while it is not there
+        for f in range(a, b):
+            t = (f - a) / max(1, b - 1 - a)
+            path[f] = (round(x0 + t * (x1 - x0)), round(y0 + t * (y1 - y0)))
+        tracks.append({**o, "appear": a, "vanish": b, "path": path})
+    target = tracks[0]
+    frame = target["appear"] if kind == "appear" else target["vanish"]
+    verb = "appear" if kind == "appear" else "disappear"
+    return dict(kind=kind, question=f"When does the {name(target)} {verb}?",
+                answer=f"{frame / VIDEO_FPS:.1f} seconds", tracks=tracks)
+
+
+def make_think(rng, size):
+    # Count two shapes, then add or subtract, reasoning inside <think> ... </think> as Qwen3 does.
+    s1, s2 = rng.sample(SHAPES, 2)
+    kind = rng.choice(["sum", "diff"])
+    if kind == "sum":  # the result is uniform over 2..6
+        total = rng.randint(2, 6)
+        a = rng.randint(max(1, total - 3), min(3, total - 1))
+        b, result, op = total - a, total, "+"
+        question = f"How many {PLURAL[s1]} and {PLURAL[s2]} are there in total?"
+    else:  # the result is uniform over 1..3
+        result = rng.randint(1, 3)
+        b = rng.randint(1, 4 - result)
+        a, op = b + result, "-"
+        question = f"How many more {PLURAL[s1]} than {PLURAL[s2]} are there?"
+    objects = [new_object(rng, size, s, rng.choice(COLOR_NAMES), SMALL) for s in [s1] * a + [s2] * b]
+    rng.shuffle(objects)
+    place(rng, objects, size)
+    thought = f"I count {n_of(a, s1)} and {n_of(b, s2)}. {a} {op} {b} = {result}."
+    return dict(kind=kind, question=question, answer=f"<think>\n{thought}\n</think>\n\n{result}",
+                scenes=[scene(objects)])
+
+
+def make_text(rng, size):
+    # Text-only questions keep the language model's text skills alive, as Qwen3-VL's text-only data does.
+    kind = rng.choice(["add", "sub", "length", "first"])
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    word = rng.choice(WORDS)
+    if kind == "add":
+        question, answer = f"What is {a} + {b}?", str(a + b)
+    elif kind == "sub":
+        a, b = max(a, b), min(a, b)
+        question, answer = f"What is {a} - {b}?", str(a - b)
+    elif kind == "length":
+        question, answer = f"How many letters are in the word {word}?", str(len(word))
+    else:
+        question, answer = f"What is the first letter of the word {word}?", word[0]
+    return dict(kind=kind, question=question, answer=answer)
+
+
+# -----------------------------------------------------------------------------
+# Scoring. Each scorer takes the model's reply and the sample and returns 1.0 (right) or 0.0 (wrong),
+# except captions, which get partial credit (F1 over the objects named).
+
+
+def normalize(text):
+    """Lower case, no surrounding punctuation or spaces, single spaces, no leading "the "."""
+    text = " ".join(text.lower().split()).strip(" .,!?;:\"'")
+    return text.removeprefix("the ")
+
+
+def final_answer(text):
+    """The part of a reply after its reasoning: everything after the last </think>."""
+    return text.rsplit("</think>", 1)[-1]
+
+
+def first_number(text):
+    m = re.search(r"-?\d+(?:\.\d+)?", text)
+    return float(m.group()) if m else None
+
+
+def json_list(key, text):
+    """The numbers in the list after "key": in a JSON-ish reply, e.g. "bbox_2d": [1, 2, 3, 4]."""
+    m = re.search(rf'"?{key}"?\s*:\s*\[([^\]]*)\]', text)
+    return [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", m.group(1))] if m else []
+
+
+def score_exact(prediction, sample):
+    return float(normalize(prediction) == normalize(sample["answer"]))
+
+
+def score_number(prediction, sample):
+    truth, guess = first_number(final_answer(sample["answer"])), first_number(final_answer(prediction))
+    return float(guess is not None and guess == truth)
+
+
+def score_time(prediction, sample):
+    truth, guess = first_number(sample["answer"]), first_number(prediction)
+    return float(guess is not None and abs(guess - truth) < TIME_TOLERANCE)
+
+
+CAPTION_ITEM = re.compile(rf"\b({'|'.join(COLOR_NAMES)}) ({'|'.join(SHAPES)})\b|\bword (\w+)")
+
+
+def caption_items(text):
+    return Counter(m.group() for m in CAPTION_ITEM.finditer(text.lower()))
+
+
+def score_caption(prediction, sample):
+    """F1 between the multisets of things ("red circle", "word fish") named in reply and caption."""
+    guess, truth = caption_items(prediction), caption_items(sample["answer"])
+    hits = sum((guess & truth).values())
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / sum(guess.values()), hits / sum(truth.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def iou(a, b):
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0, w) * max(0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score_bbox(prediction, sample):
+    """Right when the box overlaps the true one with IoU >= 0.5 (the usual detection threshold)."""
+    guess, truth = json_list("bbox_2d", prediction), json_list("bbox_2d", sample["answer"])
+    return float(len(guess) == 4 and guess[0] < guess[2] and guess[1] < guess[3] and iou(guess, truth) >= 0.5)
+
+
+def score_point(prediction, sample):
+    """Right when the point falls on one of the object's pixels."""
+    guess, mask = json_list("point_2d", prediction), sample["info"]["mask"]
+    if len(guess) != 2:
+        return 0.0
+    size = mask.shape[0]
+    x, y = int(guess[0] / 1000 * size), int(guess[1] / 1000 * size)  # back from [0, 1000] to a pixel
+    return float(0 <= x < size and 0 <= y < size and bool(mask[y, x]))
+
+
+# -----------------------------------------------------------------------------
+# The task table. `chance` is the best expected score of a model that reads which kind of question
+# is asked (e.g. "What color ...?" vs "What shape ...?") but not the image nor the question's details:
+# the majority answer of each kind, weighted by how often the kind comes up. Where the answer is a
+# caption, a box or a point, that best constant answer was searched for on 4000 generated samples and
+# scored on others (tests/test_toyworld.py re-estimates every value).
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: Callable  # (random.Random, image_size) -> spec (see the comment above the make_* functions)
+    score: Callable  # (prediction_text, sample) -> float in [0, 1]
+    chance: float
+    visual: bool = True
+
+
+def _majority(values):
+    return max(Counter(values).values()) / len(values)
+
+
+TASKS = {t.name: t for t in [
+    Task("caption", make_caption, score_caption, chance=0.17),  # naming all 20 coloured shapes, every time
+    Task("attribute", make_attribute, score_exact, chance=(1 / len(COLORS) + 1 / len(SHAPES)) / 2),
+    Task("count", make_count, score_number, chance=1 / 4),  # the count is uniform over 1..4 for every kind
+    Task("bbox", make_bbox, score_bbox, chance=0.075),  # a box of 35% of the side, near a corner
+    Task("point", make_point, score_point, chance=0.17),  # the pixel most often covered (crowding pushes objects out)
+    Task("ocr", make_ocr, score_exact, chance=1 / len(WORDS)),
+    Task("compare", make_compare, score_exact, chance=1 / 2),  # every kind is a balanced yes/no or first/second
+    Task("video", make_video, score_time, chance=1 / (SLOTS - 1)),  # event slots are uniform over SLOTS - 1 values
+    Task("think", make_think, score_number, chance=(1 / 5 + 1 / 3) / 2),  # sum uniform on 2..6, diff on 1..3
+    Task("text", make_text, score_exact, visual=False, chance=(
+        10 / 100  # add: a + b = 9 has 10 of the 100 pairs
+        + 18 / 100  # sub: a - b = 1 has 18 of the 100 (ordered) pairs
+        + _majority([len(w) for w in WORDS])  # length
+        + _majority([w[0] for w in WORDS])  # first letter
+    ) / 4),
+]}
+
+# Task mixtures for the training stages (weights, not necessarily summing to one).
+MIXES = {
+    "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
+    "all": {name: 1.0 for name in TASKS},  # stage 1 and SFT: everything, text-only included
+    "long": {name: 3.0 if name in ("video", "compare") else 1.0 for name in TASKS},  # stage 2: more long samples
+}
+
+
+def score(prediction, sample):
+    """Score a reply with its sample's task."""
+    return TASKS[sample["task"]].score(prediction, sample)
+
+
+# -----------------------------------------------------------------------------
+# The world
+
+
+class ToyWorld:
+    def __init__(self, seed=0, image_size=64, cache_dir=None):
+        self.seed = seed
+        self.image_size = image_size
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(__file__).parent / "cache"
+
+    def sample_seed(self, split, index):
+        """Each (world seed, split) pair owns its own range of 2**32 seeds, so splits never share one."""
+        assert split in SPLITS and 0 <= index < MAX_INDEX, (split, index)
+        return (self.seed * len(SPLITS) + SPLITS.index(split)) * MAX_INDEX + index
+
+    def sample(self, split, index, task=None, mix=None, render=True):
+        """The index-th sample of a split: a dict with
+            task, kind, split, index, question, answer (the assistant's full reply),
+            messages: HF-style chat [user, assistant] with the images / video,
+            info: ground truth for scoring and inspection (scenes, tracks, mask, ...).
+        The task is `task` if given, else drawn from `mix` (task -> weight; default MIXES["all"]).
+        render=False skips pixels and video files (image, video and frames are None): for text-only uses."""
+        rng = random.Random(self.sample_seed(split, index))
+        mix = mix or MIXES["all"]
+        if task is None:
+            task = rng.choices(list(mix), weights=list(mix.values()))[0]
+        spec = TASKS[task].make(rng, self.image_size)
+        scenes, tracks = spec.get("scenes", []), spec.get("tracks")
+
+        content = [{"type": "image", "image": draw_scene(s, self.image_size) if render else None} for s in scenes]
+        if tracks is not None:
+            frames = draw_video(tracks, self.image_size) if render else None
+            path = str(self.video_file(frames)) if render else None
+            content.append({"type": "video", "video": path, "fps": VIDEO_FPS, "frames": frames})
+        content.append({"type": "text", "text": spec["question"]})
+        messages = [{"role": "user", "content": content},
+                    {"role": "assistant", "content": [{"type": "text", "text": spec["answer"]}]}]
+
+        info = dict(spec.get("info", {}), scenes=scenes)
+        if tracks is not None:
+            info["tracks"] = tracks
+        return dict(task=task, kind=spec["kind"], split=split, index=index, question=spec["question"],
+                    answer=spec["answer"], messages=messages, info=info)
+
+    def video_file(self, frames):
+        """The mp4 of these frames in the cache directory, written on first use (named by a hash of the frames)."""
+        key = hashlib.sha1(frames.tobytes() + f"{frames.shape}/{VIDEO_FPS}".encode()).hexdigest()[:20]
+        path = self.cache_dir / f"toyworld-{key}.mp4"
+        if not path.exists():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            write_mp4(frames, VIDEO_FPS, path)
+        return path
+
+    def text_corpus(self, n, split="train", mix=None):
+        """n representative texts (question + reply; for videos also the timestamps Qwen3-VL puts between
+        temporal patches, "<0.2 seconds>", ...) to train the tokenizer on. Renders nothing: fast."""
+        for i in range(n):
+            s = self.sample(split, i, mix=mix, render=False)
+            stamps = "".join(f"<{t:.1f} seconds>" for t in video_timestamps()) if "tracks" in s["info"] else ""
+            yield stamps + s["question"] + "\n" + s["answer"]
+
+
+def video_timestamps():
+    """The time of each temporal patch as Qwen3-VL's processor computes it: the mean time of its frames."""
+    times = [f / VIDEO_FPS for f in range(VIDEO_FRAMES)]
+    return [(times[i] + times[i + EVENT_STRIDE - 1]) / 2 for i in range(0, VIDEO_FRAMES, EVENT_STRIDE)]
