@@ -24,9 +24,11 @@ pixels and text, and the three splits draw from disjoint seed ranges. Nothing is
 mp4 files of videos, which are cached on disk under a hash of their frames.
 
     world = ToyWorld(seed=0, image_size=64)
-    s = world.sample("train", 7)                 # a random task
-    s = world.sample("test", 7, task="count")    # a chosen task
-    TASKS["count"].score("3", s), TASKS["count"].chance
+    s = world.sample("train", 7)                         # a task drawn from MIXES["all"]
+    s = world.sample("train", 7, mix=MIXES["align"])     # stage 0: captions only
+    s = world.sample("test", 7, task="count")            # a chosen task
+    TASKS["count"].score("3", s), TASKS["count"].chance  # or score("3", s)
+    world.text_corpus(10_000)                            # texts to train the tokenizer on
 """
 
 import hashlib
@@ -77,7 +79,8 @@ VIDEO_FRAMES = 12
 VIDEO_FPS = 2
 EVENT_STRIDE = 2  # frames between possible event times (= the temporal patch size)
 SLOTS = VIDEO_FRAMES // EVENT_STRIDE  # 6 possible event times: 0.0, 1.0, ..., 5.0 seconds
-TIME_TOLERANCE = EVENT_STRIDE / VIDEO_FPS / 2  # 0.5 s: a guess is right only if it is nearer the true slot than any other
+# A time is right when it is nearer the true event time than any other possible one: within 0.5 s.
+TIME_TOLERANCE = EVENT_STRIDE / VIDEO_FPS / 2
 
 SPLITS = ("train", "val", "test")
 MAX_INDEX = 2**32  # each (seed, split) owns the seed range [k * 2**32, (k + 1) * 2**32)
@@ -153,13 +156,15 @@ def draw_video(tracks, size):
 
 
 def write_mp4(frames, fps, path):
-    """Encode frames as H.264 (crf 0: as lossless as 4:2:0 colour allows) at a fixed frame rate."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.mp4")  # write aside, then rename: parallel workers never see half a file
+    """Encode frames as H.264 at a fixed frame rate: 4:2:0 colour and the common High profile that every
+    decoder reads; crf 10 is visually lossless (edges still blur a little, from the halved colour resolution)."""
+    # Write aside, then rename: data loader workers running in parallel never see half a file.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.mp4")
     with av.open(str(tmp), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "0"}
+        stream.options = {"crf": "10"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush the encoder
@@ -198,9 +203,9 @@ def new_object(rng, size, shape, color, scale):
     return {"shape": shape, "color": color, "d": rng.randint(round(scale[0] * size), round(scale[1] * size))}
 
 
-def random_word(rng, size, text=None):
-    """A word at a random place, fully inside the image. Returns the word and its ink box."""
-    text = text or rng.choice(WORDS)
+def random_word(rng, size):
+    """A random word at a random place, fully inside the image. Returns the word and its ink box."""
+    text = rng.choice(WORDS)
     left, top, right, bottom = word_extent(text, size)
     x = rng.randint(1, size - 1 - (right - left))
     y = rng.randint(1, size - 1 - (bottom - top))
@@ -271,7 +276,8 @@ def make_attribute(rng, size):
 
 
 def counting_scene(rng, size, k, kind, key):
-    """k objects whose `kind` ("shape" or "color") is `key`, plus up to two that differ in it."""
+    """k objects whose `kind` ("shape" or "color") is `key`, plus up to two that differ in it;
+    or, for kind "all", just k objects of any shape and colour."""
     if kind == "all":
         objects = [new_object(rng, size, rng.choice(SHAPES), rng.choice(COLOR_NAMES), SMALL) for _ in range(k)]
     elif kind == "shape":
@@ -290,7 +296,7 @@ def counting_scene(rng, size, k, kind, key):
 
 def make_count(rng, size):
     kind, k = rng.choice(["shape", "color", "all"]), rng.randint(1, 4)
-    key = rng.choice(SHAPES) if kind == "shape" else rng.choice(COLOR_NAMES)
+    key = rng.choice(SHAPES if kind == "shape" else COLOR_NAMES)  # unused when counting all shapes
     objects = counting_scene(rng, size, k, kind, key)
     if kind == "shape":
         question = f"How many {PLURAL[key]} are there?"
@@ -553,8 +559,8 @@ TASKS = {t.name: t for t in [
 # Task mixtures for the training stages (weights, not necessarily summing to one).
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
-    "all": {name: 1.0 for name in TASKS},  # stage 1 and SFT: everything, text-only included
-    "long": {name: 3.0 if name in ("video", "compare") else 1.0 for name in TASKS},  # stage 2: more long samples
+    "all": {t: 1.0 for t in TASKS},  # stage 1 and SFT: everything, text-only included
+    "long": {t: 3.0 if t in ("video", "compare") else 1.0 for t in TASKS},  # stage 2: more of the long samples
 }
 
 
@@ -575,7 +581,8 @@ class ToyWorld:
 
     def sample_seed(self, split, index):
         """Each (world seed, split) pair owns its own range of 2**32 seeds, so splits never share one."""
-        assert split in SPLITS and 0 <= index < MAX_INDEX, (split, index)
+        if split not in SPLITS or not 0 <= index < MAX_INDEX:
+            raise ValueError(f"no sample {index} in split {split!r}: splits are {SPLITS}, indices below {MAX_INDEX}")
         return (self.seed * len(SPLITS) + SPLITS.index(split)) * MAX_INDEX + index
 
     def sample(self, split, index, task=None, mix=None, render=True):
@@ -585,7 +592,9 @@ class ToyWorld:
             info: ground truth for scoring and inspection (scenes, tracks, mask, ...).
         The task is `task` if given, else drawn from `mix` (task -> weight; default MIXES["all"]).
         render=False skips pixels and video files (image, video and frames are None): for text-only uses."""
-        rng = random.Random(self.sample_seed(split, index))
+        # Seed with the number's text: Python hashes a str seed (SHA-512) into the generator's state. An int
+        # seed is used as is, and CPython's Mersenne Twister gives e.g. seeds 2 and 2**32 + 2 identical streams.
+        rng = random.Random(str(self.sample_seed(split, index)))
         mix = mix or MIXES["all"]
         if task is None:
             task = rng.choices(list(mix), weights=list(mix.values()))[0]
@@ -596,7 +605,8 @@ class ToyWorld:
         if tracks is not None:
             frames = draw_video(tracks, self.image_size) if render else None
             path = str(self.video_file(frames)) if render else None
-            content.append({"type": "video", "video": path, "fps": VIDEO_FPS, "frames": frames})
+            # the mp4 carries its own frame rate (VIDEO_FPS); "frames" keeps the raw pixels for inspection
+            content.append({"type": "video", "video": path, "frames": frames})
         content.append({"type": "text", "text": spec["question"]})
         messages = [{"role": "user", "content": content},
                     {"role": "assistant", "content": [{"type": "text", "text": spec["answer"]}]}]

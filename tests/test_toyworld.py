@@ -1,0 +1,380 @@
+"""Tests of the toy world: determinism, splits, scorers, chance levels, and that the pixels (and the
+decoded video) really show what the questions and answers say."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+
+import av
+import numpy as np
+import pytest
+
+from data.toyworld import (BACKGROUND, COLOR_NAMES, COLORS, MIXES, PLURAL, SHAPES, SPLITS, TASKS, VIDEO_FPS,
+                           VIDEO_FRAMES, WORDS, ToyWorld, final_answer, json_list, normalize, object_mask, score)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ToyWorld(seed=0, image_size=SIZE, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def images(sample):
+    return [np.asarray(c["image"]) for c in sample["messages"][0]["content"] if c["type"] == "image"]
+
+
+def video_entry(sample):
+    return next(c for c in sample["messages"][0]["content"] if c["type"] == "video")
+
+
+def components(mask):
+    """4-connected components of a boolean mask, as a list of boolean masks."""
+    seen, out = np.zeros_like(mask), []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp, queue = np.zeros_like(mask), deque([(y0, x0)])
+        seen[y0, x0] = True
+        while queue:
+            y, x = queue.popleft()
+            comp[y, x] = True
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        out.append(comp)
+    return out
+
+
+def pixels_of(img, color):
+    return np.all(img == np.array(COLORS[color], np.uint8), axis=-1)
+
+
+def matched_objects(img, scene):
+    """Check that the image shows exactly the scene's objects (each as its own blob of exactly its
+    shape's pixels, in its colour) and return them in the order of the blobs found."""
+    blobs = components(np.any(img != np.array(BACKGROUND, np.uint8), axis=-1))
+    assert len(blobs) == len(scene["objects"])
+    found = []
+    for blob in blobs:
+        obj = next(o for o in scene["objects"] if np.array_equal(object_mask(o, img.shape[0]), blob))
+        assert pixels_of(img, obj["color"])[blob].all()
+        found.append(obj)
+    return found
+
+
+# -----------------------------------------------------------------------------
+# Determinism and splits
+
+
+def test_same_split_and_index_give_the_same_sample(tmp_path):
+    a, b = ToyWorld(seed=0, cache_dir=tmp_path), ToyWorld(seed=0, cache_dir=tmp_path)
+    for task in TASKS:
+        for i in range(3):
+            sa, sb = a.sample("val", i, task=task), b.sample("val", i, task=task)
+            assert (sa["question"], sa["answer"], sa["kind"]) == (sb["question"], sb["answer"], sb["kind"])
+            assert all(np.array_equal(x, y) for x, y in zip(images(sa), images(sb)))
+            if task == "video":
+                va, vb = video_entry(sa), video_entry(sb)
+                assert np.array_equal(va["frames"], vb["frames"]) and va["video"] == vb["video"]
+    mixed = [a.sample("train", i)["answer"] for i in range(50)]
+    assert mixed == [b.sample("train", i)["answer"] for i in range(50)]
+    assert mixed != [ToyWorld(seed=1, cache_dir=tmp_path).sample("train", i)["answer"] for i in range(50)]
+
+
+def digest(world, n=30):
+    """One hash of the text and pixels of the first n validation samples."""
+    h = hashlib.sha1()
+    for i in range(n):
+        s = world.sample("val", i, mix={t: 1.0 for t in TASKS if t != "video"})
+        h.update(s["answer"].encode())
+        for img in images(s):
+            h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def test_samples_are_the_same_in_another_process(world):
+    code = "from tests.test_toyworld import digest; from data.toyworld import ToyWorld; print(digest(ToyWorld()))"
+    env = dict(os.environ, PYTHONHASHSEED="123")  # str hashing differs between the two processes
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == digest(world)
+
+
+def test_splits_use_disjoint_seeds_and_differ(world):
+    spans = sorted((w.sample_seed(split, 0), w.sample_seed(split, 2**32 - 1))
+                   for w in (world, ToyWorld(seed=1)) for split in SPLITS)
+    assert all(hi < next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))
+    with pytest.raises(ValueError):
+        world.sample("train", 2**32)
+    with pytest.raises(ValueError):
+        world.sample("dev", 0)
+    # the same index in different splits is a different sample; no image recurs across splits
+    seen = {}
+    for split in SPLITS:
+        for i in range(150):
+            s = world.sample(split, i, task="caption")
+            key = images(s)[0].tobytes()
+            assert seen.setdefault(key, split) == split
+    assert len(seen) == 450
+
+
+# -----------------------------------------------------------------------------
+# Messages
+
+
+def test_messages_are_hf_style_chat(world):
+    for task in TASKS:
+        s = world.sample("train", 3, task=task)
+        user, assistant = s["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert assistant["content"] == [{"type": "text", "text": s["answer"]}]
+        assert user["content"][-1] == {"type": "text", "text": s["question"]}
+        kinds = [c["type"] for c in user["content"][:-1]]
+        expected = {"compare": ["image", "image"], "video": ["video"], "text": []}.get(task, ["image"])
+        assert kinds == expected, task
+        for img in images(s):
+            assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+    v = video_entry(world.sample("train", 3, task="video"))
+    assert av.open(v["video"]).streams.video[0].average_rate == VIDEO_FPS and v["frames"].shape == (VIDEO_FRAMES, SIZE, SIZE, 3) and v["video"].endswith(".mp4")
+
+
+def test_render_false_keeps_the_text_and_skips_the_pixels(world):
+    for task in TASKS:
+        full, bare = world.sample("test", 5, task=task), world.sample("test", 5, task=task, render=False)
+        assert (full["question"], full["answer"]) == (bare["question"], bare["answer"])
+        media = [c for c in bare["messages"][0]["content"] if c["type"] != "text"]
+        assert all(c.get("image") is None and c.get("video") is None and c.get("frames") is None for c in media)
+
+
+def test_mixes(world):
+    assert {world.sample("train", i, mix=MIXES["align"])["task"] for i in range(100)} == {"caption"}
+    counts = Counter(world.sample("train", i, render=False)["task"] for i in range(2000))
+    assert set(counts) == set(TASKS) and min(counts.values()) > 150  # uniform: 200 each expected
+
+
+# -----------------------------------------------------------------------------
+# Scorers: 1 on the truth, 0 on a wrong answer
+
+
+def wrong_answer(s):
+    """A plausible answer of the right form that is wrong for this sample."""
+    task, answer = s["task"], s["answer"]
+    if task in ("count", "think", "text") and final_answer(answer).strip().isdigit():
+        return str(int(final_answer(answer)) + 1)
+    if task == "text":  # a first letter
+        return chr(ord(answer) + 1)
+    if task == "caption":
+        named = normalize(answer)
+        return next(f"A {c} {s}." for c in COLOR_NAMES for s in SHAPES if f"{c} {s}" not in named)
+    if task == "attribute":
+        values = COLOR_NAMES if s["kind"] == "color" else SHAPES
+        return next(v for v in values if v != answer)
+    if task == "bbox":
+        x1, y1, x2, y2 = json_list("bbox_2d", answer)
+        dx = x2 - x1 if x2 < 500 else x1 - x2  # slide it by its own width: no overlap left
+        return '{"bbox_2d": [%d, %d, %d, %d], "label": "x"}' % (x1 + dx, y1, x2 + dx, y2)
+    if task == "point":
+        return '{"point_2d": [0, 0], "label": "x"}'  # objects keep a pixel away from the border
+    if task == "ocr":
+        return next(w for w in WORDS if w != answer)
+    if task == "compare":
+        return {"The first image.": "The second image.", "The second image.": "The first image.",
+                "Yes.": "No.", "No.": "Yes."}[answer]
+    if task == "video":
+        t = float(answer.split()[0])
+        return f"{t + 1 if t < 3 else t - 1:.1f} seconds"
+    raise AssertionError(task)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_score_truth_one_wrong_zero(world, task):
+    for i in range(60):
+        s = world.sample("val", i, task=task, render=False)
+        assert TASKS[task].score(s["answer"], s) == 1.0, s["answer"]
+        assert score(s["answer"], s) == 1.0
+        assert TASKS[task].score(wrong_answer(s), s) == 0.0, (s["answer"], wrong_answer(s))
+        for junk in ("", "I don't know", "{}"):
+            assert TASKS[task].score(junk, s) == 0.0
+
+
+def test_scores_tolerate_harmless_variation(world):
+    s = world.sample("val", 0, task="attribute", render=False)
+    assert score(s["answer"].title() + ".", s) == 1.0
+    s = world.sample("val", 0, task="ocr", render=False)
+    assert score(s["answer"].lower(), s) == 1.0
+    s = world.sample("val", 0, task="count", render=False)
+    assert score(f"There are {s['answer']}.", s) == 1.0
+    s = world.sample("val", 0, task="think", render=False)
+    assert score(final_answer(s["answer"]), s) == 1.0  # the reasoning is not graded
+    s = world.sample("val", 0, task="video", render=False)
+    t = float(s["answer"].split()[0])
+    assert score(f"{t + 0.25} seconds", s) == 1.0 and score(f"{t + 0.5} seconds", s) == 0.0
+    s = world.sample("val", 0, task="bbox", render=False)
+    x1, y1, x2, y2 = json_list("bbox_2d", s["answer"])
+    assert score(f'```json\n[{{"bbox_2d": [{x1 + 20}, {y1 - 20}, {x2 + 20}, {y2}]}}]\n```', s) == 1.0
+    s = world.sample("val", 0, task="caption", render=False)
+    assert score(s["answer"].replace(".", ", a red circle, a red square, a red cross."), s) < 1.0
+
+
+# -----------------------------------------------------------------------------
+# Chance levels are what the generator's distribution implies
+
+
+@pytest.mark.parametrize("task", ["attribute", "count", "ocr", "compare", "video", "think", "text"])
+def test_chance_is_the_majority_answer_of_each_kind(world, task):
+    """For tasks with a small answer space: the best constant answer per question kind."""
+    n = 2000
+    by_kind = Counter()
+    answers = Counter()
+    for i in range(n):
+        s = world.sample("train", i, task=task, render=False)
+        by_kind[s["kind"]] += 1
+        answers[s["kind"], normalize(final_answer(s["answer"]))] += 1
+    estimate = sum(max(c for (k, _), c in answers.items() if k == kind) for kind in by_kind) / n
+    assert abs(estimate - TASKS[task].chance) < 0.03, (estimate, TASKS[task].chance)
+
+
+def test_caption_chance(world):
+    truths = [world.sample("train", i, task="caption", render=False) for i in range(1000)]
+    everything = ", ".join(f"a {c} {s}" for c in COLOR_NAMES for s in SHAPES)
+    candidates = [everything] + [f"A {c} {s}." for c in COLOR_NAMES for s in SHAPES]
+    best = max(np.mean([score(c, t) for t in truths]) for c in candidates)
+    assert abs(best - TASKS["caption"].chance) < 0.02, best
+
+
+def test_bbox_chance(world):
+    truths = np.array([json_list("bbox_2d", world.sample("train", i, task="bbox", render=False)["answer"])
+                       for i in range(1500)])
+    best = 0.0
+    for side in (300, 350, 400):  # constant squares on a grid over the image
+        for x in range(50, 1000 - side, 50):
+            for y in range(50, 1000 - side, 50):
+                w = np.clip(np.minimum(x + side, truths[:, 2]) - np.maximum(x, truths[:, 0]), 0, None)
+                h = np.clip(np.minimum(y + side, truths[:, 3]) - np.maximum(y, truths[:, 1]), 0, None)
+                union = side * side + (truths[:, 2] - truths[:, 0]) * (truths[:, 3] - truths[:, 1]) - w * h
+                best = max(best, np.mean(w * h / union >= 0.5))
+    assert abs(best - TASKS["bbox"].chance) < 0.02, best
+
+
+def test_point_chance(world):
+    coverage = np.mean([world.sample("train", i, task="point", render=False)["info"]["mask"] for i in range(1500)], 0)
+    assert abs(coverage.max() - TASKS["point"].chance) < 0.03, coverage.max()
+
+
+# -----------------------------------------------------------------------------
+# The pixels show what the text says
+
+
+@pytest.mark.parametrize("task", ["caption", "attribute", "count", "bbox", "point", "ocr", "compare", "think"])
+def test_images_show_exactly_the_scene(world, task):
+    for i in range(25):
+        s = world.sample("test", i, task=task)
+        for img, scene in zip(images(s), s["info"]["scenes"], strict=True):
+            if scene["word"] is None:
+                matched_objects(img, scene)
+            else:  # the word is white and away from the objects; each object keeps its exact pixels
+                assert (np.all(img == 245, axis=-1)).sum() > 20
+                for o in scene["objects"]:
+                    assert pixels_of(img, o["color"])[object_mask(o, SIZE)].all()
+
+
+def test_boxes_and_points_match_the_drawn_object(world):
+    for i in range(60):
+        for task in ("bbox", "point"):
+            s = world.sample("test", i, task=task)
+            img = images(s)[0]
+            color, shape = json.loads(s["answer"])["label"].split()
+            target = next(o for o in s["info"]["scenes"][0]["objects"] if (o["color"], o["shape"]) == (color, shape))
+            blob = next(b for b in components(pixels_of(img, color)) if np.array_equal(b, object_mask(target, SIZE)))
+            ys, xs = np.nonzero(blob)
+            if task == "bbox":
+                box = json_list("bbox_2d", s["answer"])
+                assert 0 <= box[0] < box[2] <= 1000 and 0 <= box[1] < box[3] <= 1000
+                expected = [round(v / SIZE * 1000) for v in (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)]
+                assert box == expected
+            else:
+                x, y = json_list("point_2d", s["answer"])
+                assert blob[int(y / 1000 * SIZE), int(x / 1000 * SIZE)]
+
+
+def test_compare_images_differ_as_the_answer_says(world):
+    for i in range(60):
+        s = world.sample("test", i, task="compare")
+        first, second = images(s)
+        objs = [matched_objects(img, scene) for img, scene in zip((first, second), s["info"]["scenes"])]
+        if s["kind"] == "more":
+            shape = next(sh for sh in SHAPES if s["question"].endswith(f" {PLURAL[sh]}?"))
+            counts = [sum(o["shape"] == shape for o in found) for found in objs]
+            assert counts[0] != counts[1]
+            assert s["answer"] == ("The first image." if counts[0] > counts[1] else "The second image.")
+        else:
+            foreground = [img[np.any(img != np.array(BACKGROUND, np.uint8), axis=-1)] for img in (first, second)]
+            colors = [Counter(map(tuple, pixels)).most_common(1)[0][0] for pixels in foreground]
+            same = colors[0] == colors[1] if s["kind"] == "same_color" else objs[0][0]["shape"] == objs[1][0]["shape"]
+            assert s["answer"] == ("Yes." if same else "No.")
+
+
+def test_video_object_appears_and_vanishes_at_the_stated_time(world):
+    for i in range(20):
+        s = world.sample("test", i, task="video")
+        entry = video_entry(s)
+        with av.open(entry["video"]) as container:
+            stream = container.streams.video[0]
+            assert stream.average_rate == VIDEO_FPS
+            decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        assert decoded.shape == entry["frames"].shape
+        assert np.abs(decoded.astype(int) - entry["frames"]).mean() < 4  # nearly lossless (4:2:0 colour blurs edges)
+
+        color, shape = s["question"].split(" the ")[1].split()[:2]
+        track = next(t for t in s["info"]["tracks"] if (t["color"], t["shape"]) == (color, shape))
+        frame = round(float(s["answer"].split()[0]) * VIDEO_FPS)  # the stated time, as a frame index
+        visible_from, gone_from = (frame, None) if s["kind"] == "appear" else (None, frame)
+
+        def shows(f, at):
+            """Does decoded frame f show the object's colour where the object is (or will be) in frame `at`?"""
+            x, y = track["path"][at]
+            region = object_mask({**track, "x": x, "y": y}, SIZE)
+            mean = decoded[f][region].astype(int).mean(0)
+            return np.abs(mean - COLORS[color]).max() < 30
+
+        if visible_from is not None:
+            assert shows(frame, frame)
+            assert frame == 0 or not shows(frame - 1, frame)
+        else:
+            assert shows(frame - 1, frame - 1)
+            assert not shows(frame, frame - 1)
+
+
+def test_video_files_are_cached_by_content(world):
+    path = video_entry(world.sample("test", 0, task="video"))["video"]
+    stamp = os.stat(path).st_mtime_ns
+    assert video_entry(world.sample("test", 0, task="video"))["video"] == path
+    assert os.stat(path).st_mtime_ns == stamp  # not written again
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer corpus and speed
+
+
+def test_text_corpus(world):
+    texts = list(world.text_corpus(400))
+    assert len(texts) == 400 and texts == list(world.text_corpus(400))
+    joined = "\n".join(texts)
+    for piece in ("<0.2 seconds>", '"bbox_2d": [', '"point_2d": [', "<think>\n", "</think>\n\n", " seconds", "What is"):
+        assert piece in joined, piece
+
+
+def test_generation_is_fast(world):
+    start = time.perf_counter()
+    for i in range(1000):
+        world.sample("train", 10_000 + i, mix={t: 1.0 for t in TASKS if t != "video"})
+    assert time.perf_counter() - start < 3.0
+    start = time.perf_counter()
+    list(world.text_corpus(2000))
+    assert time.perf_counter() - start < 2.0
