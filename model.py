@@ -22,12 +22,14 @@ Forward pass flow (Qwen3VL.forward)
 import json
 import math
 import os
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe import SparseMoeBlock, is_moe_layer, load_balancing_loss
 from rope import apply_rotary, mrope_cos_sin, rope_index
 from vision import VisionEncoder
 
@@ -121,6 +123,13 @@ class Qwen3VLConfig:
         if vision.pop("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise ValueError("vision_config.hidden_act must be 'gelu_pytorch_tanh'")
         text.pop("norm_topk_prob", None)   # the reference always renormalises the top-k weights (reference §7.12)
+        text.pop("output_router_logits", None)     # the reference's run-time switch of the aux loss: forward(aux_loss=)
+        if model_type == "qwen3_vl" and text.get("num_experts", 0) > 0:
+            raise ValueError("config.json: model_type 'qwen3_vl' is dense, but text_config.num_experts > 0 "
+                             "(an MoE checkpoint has model_type 'qwen3_vl_moe')")
+        if model_type == "qwen3_vl_moe" and "num_experts" not in text:
+            raise ValueError("config.json: model_type 'qwen3_vl_moe' needs text_config.num_experts (and "
+                             "num_experts_per_tok, moe_intermediate_size); the reference's defaults are not guessed")
         tie = d.pop("tie_word_embeddings", text.pop("tie_word_embeddings", False))
         text.pop("tie_word_embeddings", None)
         for section in (d, text, vision):
@@ -185,6 +194,15 @@ PRESETS = {
     "qwen3-vl-32b": dict(vision=dict(_VIT_LARGE, out_hidden_size=5120),
                          text=dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
                                    num_attention_heads=64, num_key_value_heads=8)),
+    # mixture of experts (moe.py): every layer sparse, 128 experts, 8 per token; intermediate_size is unused
+    "qwen3-vl-30b-a3b": dict(vision=dict(_VIT_LARGE, out_hidden_size=2048),
+                             text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                                       num_attention_heads=32, num_key_value_heads=4, num_experts=128,
+                                       num_experts_per_tok=8, moe_intermediate_size=768)),
+    "qwen3-vl-235b-a22b": dict(vision=dict(_VIT_LARGE, out_hidden_size=4096),
+                               text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                                         num_attention_heads=64, num_key_value_heads=4, num_experts=128,
+                                         num_experts_per_tok=8, moe_intermediate_size=1536)),
     # toy sizes: same architecture, trains on a laptop CPU in minutes (toy-cpu) or on one GPU in an hour (toy-gpu);
     # vocab_size and the special token ids come from the tokenizer trained for the run
     "toy-cpu": dict(tie_word_embeddings=True,
@@ -242,7 +260,7 @@ class Attention(nn.Module):
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # rotated in the activation dtype
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, past + S, hd]
+            k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, max_len, hd]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_heads)              # [B, nh, S, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
@@ -267,11 +285,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        # Qwen3-VL-MoE (moe.py): routed experts in the layers the config makes sparse, a dense MLP elsewhere
+        self.mlp = SparseMoeBlock(cfg) if is_moe_layer(cfg, layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
+        """Returns x [B, S, H] and the router logits [B*S, E] of a sparse layer (None for a dense one)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, SparseMoeBlock):
+            y, router_logits = self.mlp(self.post_attention_layernorm(x))
+            return x + y, router_logits
+        return x + self.mlp(self.post_attention_layernorm(x)), None
 
 
 class TextModel(nn.Module):
@@ -286,22 +309,30 @@ class TextModel(nn.Module):
 
 class KVCache:
     """
-    Preallocated keys and values of every layer for generation: k, v [L, B, n_kv, max_len, head_dim].
-    `pos` counts the positions already written; `rope_deltas` [B, 1] is set by the prefill (rope.rope_index)
-    and belongs to this request only, so decoding never reuses another batch's deltas (reference §7.3).
+    Preallocated keys and values for generation: k, v lists with one [B, n_kv, max_len, head_dim] tensor per layer
+    (separate tensors, not views of one: a compiled step then writes each in place instead of copying it).
+    Every shape is fixed and the write position lives on the device, so a decode step has static shapes, never
+    reads a value back to the host, and can be compiled and captured in a CUDA graph (sample.py):
+    - `pos` [] long: the slots already written. `update` writes the S new keys at slots pos .. pos+S-1 and returns
+      the whole buffer; attention masks the slots not yet written (they lie in the future); the forward then
+      advances `pos` in place.
+    - `rope_deltas` [B, 1] is set by the prefill (the first call on the cache, rope.rope_index) and belongs to this
+      request only, so decoding never reuses another batch's deltas (reference §7.3).
     """
 
     def __init__(self, cfg: TextConfig, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len, self.pos, self.rope_deltas = max_len, 0, None
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.max_len, self.rope_deltas = max_len, None
 
     def update(self, layer, k, v):
-        S = k.shape[2]
-        self.k[layer, :, :, self.pos:self.pos + S] = k
-        self.v[layer, :, :, self.pos:self.pos + S] = v
-        return self.k[layer, :, :, :self.pos + S], self.v[layer, :, :, :self.pos + S]
+        """k, v [B, n_kv, S, hd] written at slots pos .. pos+S-1; returns the layer's k, v [B, n_kv, max_len, hd]."""
+        slots = self.pos + torch.arange(k.shape[2], device=k.device)                      # [S]
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,23 +356,40 @@ class Qwen3VL(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self, std=0.02):
+    def init_weights(self, seed=0, std=0.02):
         """Initialisation for training from scratch (as the reference's `_init_weights`): every Linear and
-        Embedding ~ N(0, 0.02), biases 0, norm weights 1 (LayerNorm biases 0)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        Embedding weight ~ N(0, 0.02), biases 0, norm weights 1. See `initial_value`."""
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, p.shape, seed, std))
+
+    @staticmethod
+    def initial_value(name, shape, seed=0, std=0.02):
+        """The initial tensor of one parameter, drawn from its own generator seeded by (seed, name): the weights
+        depend neither on the device nor on how the model is sharded, so a sharded run (train.py) starts from
+        exactly the weights of a single process."""
+        if "norm" in name and name.endswith("weight"):
+            return torch.ones(shape)
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=g) * std
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())       # tied weights are counted once
+
+    def num_active_params(self):
+        """
+        Parameters one token uses: all of them (vision tower, embedding table and LM head included, in full) except
+        the experts its router leaves out, E - k per sparse layer. The "A3B" / "A22B" of the MoE names
+        (reference §1.4): 3,891,664,112 for 30B-A3B, 22,767,151,856 for 235B-A22B. Equals num_params() when dense.
+        """
+        idle = 0
+        for layer in self.language_model.layers:
+            if isinstance(layer.mlp, SparseMoeBlock):
+                m = layer.mlp
+                per_expert = (m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // m.num_experts
+                idle += (m.num_experts - m.top_k) * per_expert
+        return self.num_params() - idle
 
     def get_position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
         """3-D positions [3, B, S] and rope_deltas [B, 1] of a prompt (rope.rope_index)."""
@@ -349,81 +397,121 @@ class Qwen3VL(nn.Module):
                           image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
                           spatial_merge_size=self.cfg.vision.spatial_merge_size)
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+              run_vision=False):
         """
         Token embeddings with visual features in the placeholder positions, and the DeepStack features laid out
         on the same sequence grid: x [B, S, H], deepstack list of [B, S, H] (zero outside visual positions) or None.
+        Images and video frame groups go through the ViT together, packed in one sequence (attention stays inside
+        each frame group). run_vision=True runs the ViT on a blank 2x2-patch image when there are no pixels and adds
+        its output times zero: under FSDP every rank must run the same modules at every step (train.py).
         """
         x = self.language_model.embed_tokens(input_ids)                                  # [B, S, H]
-        deepstack = None
+        parts = []                                          # (name, pixels, grid, placeholder id) of each modality
         for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
                                              ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
-            if pixels is None:
-                continue
-            if grid is None:
-                raise ValueError(f"{name} pixels were given without their {name}_grid_thw")
-            feats, ds = self.visual(pixels, grid)                                         # [n_tok, H], [n_tok, H] x L
+            if pixels is not None:
+                if grid is None:
+                    raise ValueError(f"{name} pixels were given without their {name}_grid_thw")
+                parts.append((name, pixels, grid, token_id))
+        if not parts:
+            if not run_vision:
+                return x, None
+            v = self.cfg.vision
+            blank = x.new_zeros(v.spatial_merge_size ** 2, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+            feats, ds = self.visual(blank, torch.tensor([[1, v.spatial_merge_size, v.spatial_merge_size]], device=x.device))
+            return x + 0 * (feats.sum() + sum(d.sum() for d in ds)), None
+
+        feats, ds = self.visual(torch.cat([p for _, p, _, _ in parts]),
+                                torch.cat([g for _, _, g, _ in parts]))                  # [n_tok, H], L x [n_tok, H]
+        deepstack = [torch.zeros_like(x) for _ in ds]                                     # [B, S, H] each
+        start = 0
+        for name, pixels, grid, token_id in parts:
+            n = pixels.shape[0] // self.cfg.vision.spatial_merge_size ** 2               # merged tokens of this modality
             mask = (input_ids == token_id)[..., None]                                     # [B, S, 1]
             n_slots = int(mask.sum())
-            if n_slots != feats.shape[0]:
+            if n_slots != n:
                 raise ValueError(f"{name} placeholder tokens ({n_slots}) do not match the {name} features "
-                                 f"({feats.shape[0]} from grids {grid.tolist()})")
-            x = x.masked_scatter(mask, feats.to(x.dtype))
-            ds = [torch.zeros_like(x).masked_scatter(mask, d.to(x.dtype)) for d in ds]   # [B, S, H] each
-            deepstack = ds if deepstack is None else [a + b for a, b in zip(deepstack, ds)]
+                                 f"({n} from grids {grid.tolist()})")
+            x = x.masked_scatter(mask, feats[start:start + n].to(x.dtype))
+            deepstack = [z.masked_scatter(mask, d[start:start + n].to(x.dtype)) for z, d in zip(deepstack, ds)]
+            start += n
         return x, deepstack
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None):
+                pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
+                aux_loss=False, document_ids=None, run_vision=False):
         """
-        input_ids [B, S]; attention_mask [B, S] (or [B, past + S] with a kv_cache), 1 = real token, left padding;
-        pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
+        input_ids [B, S]; attention_mask [B, S], 1 = real token, left padding (with a kv_cache: [B, past + S] or
+        [B, max_len]); pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
         labels [B, S] (-100 = ignored; shifted inside); position_ids [3, B, S] to override rope_index;
-        kv_cache: a KVCache to read and extend (generation).
+        kv_cache: a KVCache to read and extend (generation); document_ids [B, S]: rows packing several samples
+        (training) attend only within a sample (pass each sample's own position_ids too); run_vision: see embed.
+        aux_loss (MoE): with labels, add router_aux_loss_coef x the load-balancing loss over every sparse layer
+        (moe.load_balancing_loss, padding masked by attention_mask [B, S]). Off by default, as in the reference, which
+        adds it only when called with output_router_logits=True.
         Returns logits [B, S, V] and the mean next-token cross-entropy (None without labels).
+        After the call, `self.router_logits` holds the router logits [B*S, E] of every sparse layer, detached (an
+        empty tuple for a dense model): moe.tokens_per_expert(model.router_logits, k, attention_mask) gives the load.
         """
         B, S = input_ids.shape
         cfg = self.cfg.text
-        past = kv_cache.pos if kv_cache is not None else 0
-        if past + S > cfg.max_position_embeddings or (kv_cache is not None and past + S > kv_cache.max_len):
-            raise ValueError(f"sequence of {past + S} tokens is longer than the context "
-                             f"({min(cfg.max_position_embeddings, kv_cache.max_len if kv_cache else math.inf)})")
-        x, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
+        context = min(cfg.max_position_embeddings, kv_cache.max_len if kv_cache is not None else math.inf)
+        if prefill and S > context:     # a decode step's position is on the device: its caller sizes the cache
+            raise ValueError(f"sequence of {S} tokens is longer than the context ({context})")
+        x, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, run_vision)
+        # slots of these tokens in the sequence (and the cache), and how many keys they attend over: the whole
+        # preallocated cache, so that every decode step has the same shapes
+        q_pos = torch.arange(S, device=x.device) + (kv_cache.pos if kv_cache is not None else 0)   # [S]
+        K = kv_cache.max_len if kv_cache is not None else S
 
         if position_ids is None:
-            if past == 0:
+            if prefill:
                 position_ids, rope_deltas = self.get_position_ids(input_ids, None if attention_mask is None
-                                                                  else attention_mask[:, -S:], image_grid_thw, video_grid_thw)
+                                                                  else attention_mask[:, :S], image_grid_thw, video_grid_thw)
                 if kv_cache is not None:
                     kv_cache.rope_deltas = rope_deltas
             else:   # decoding continues every axis from the prefill's offset
-                position_ids = (past + torch.arange(S, device=x.device))[None] + kv_cache.rope_deltas    # [B, S]
+                position_ids = q_pos[None] + kv_cache.rope_deltas                             # [B, S]
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
                                  cfg.mrope_interleaved)                                     # [B, S, hd] float32
 
-        # attention mask [B, 1, S, past + S]: causal and not padding; every query keeps its own key so that the
-        # rows of padding tokens never become all -inf (which would turn them, and through v, others, into NaN)
+        # attention mask [B, 1, S, K]: causal (which also hides the cache slots not yet written) and not padding;
+        # every query keeps its own key so that the rows of padding tokens never become all -inf (which would turn
+        # them, and through v, others, into NaN). With a cache, attention_mask covers slots 0 .. past+S-1 (or all K):
+        # the slots after it hold generated tokens, which are always real.
         mask = None
-        if attention_mask is not None or past > 0:
-            q_pos = past + torch.arange(S, device=x.device)                                # [S]
-            k_pos = torch.arange(past + S, device=x.device)                                # [K]
+        if attention_mask is not None or kv_cache is not None or document_ids is not None:
+            k_pos = torch.arange(K, device=x.device)                                       # [K]
             mask = k_pos[None, :] <= q_pos[:, None]                                        # [S, K]
             if attention_mask is not None:
-                mask = mask & attention_mask.bool()[:, None, :]                            # [B, S, K]
+                real = F.pad(attention_mask.bool(), (0, K - attention_mask.shape[1]), value=True)  # [B, K]
+                mask = mask & real[:, None, :]                                             # [B, S, K]
                 mask = mask | (k_pos[None, :] == q_pos[:, None])
-            mask = mask.view(-1, 1, S, past + S)
+            if document_ids is not None:                                                   # packed samples
+                mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])       # [B, S, S]
+            mask = mask.view(-1, 1, S, K)
 
+        router_logits = []                                    # [B*S, E] of each sparse (MoE) layer, in order
         for i, layer in enumerate(self.language_model.layers):
-            x = layer(x, cos, sin, mask, kv_cache)
+            x, layer_router_logits = layer(x, cos, sin, mask, kv_cache)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
             if deepstack is not None and i < len(deepstack):
                 x = x + deepstack[i]                          # DeepStack: zero except at visual positions
         if kv_cache is not None:
-            kv_cache.pos += S
+            kv_cache.pos.add_(S)                              # in place: a captured CUDA graph replays the advance
         logits = self.lm_head(self.language_model.norm(x))                                 # [B, S, V]
+
+        self.router_logits = tuple(r.detach() for r in router_logits)   # routing statistics of this forward
 
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            if aux_loss and router_logits:     # MoE: + coef x Switch load-balancing loss (moe.py)
+                loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_logits, cfg.num_experts_per_tok,
+                                                                             attention_mask)
         return logits, loss
 
     # ------------------------------------------------------------------------------------------------------
@@ -432,37 +520,13 @@ class Qwen3VL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
         """Build on the meta device, then load every tensor from the safetensors files (never pickle)."""
-        from safetensors import safe_open
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path!r} is not a Qwen3-VL checkpoint directory: no config.json")
-        with open(cfg_file) as f:
-            cfg = Qwen3VLConfig.from_hf_dict(json.load(f))
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            pickled = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-            hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}{hint}")
-        hf = {}
-        for name in files:
-            file = os.path.join(path, name)
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"checkpoint shard {file!r} listed in the index is missing")
-            try:
-                with safe_open(file, framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        hf[key] = f.get_tensor(key)
-            except Exception as e:
-                raise ValueError(f"cannot read safetensors file {file!r}: {e}") from e
         with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(model._from_hf_state_dict(hf), strict=True, assign=True)
-        if cfg.tie_word_embeddings:
+            model = cls(read_hf_config(path))
+        sd = dict(model.checkpoint_tensors(path))
+        if model.cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["language_model.embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if model.cfg.tie_word_embeddings:
             model.lm_head.weight = model.language_model.embed_tokens.weight
         return model.to(device=device, dtype=dtype)
 
@@ -490,32 +554,46 @@ class Qwen3VL(nn.Module):
         hf_cfg = {**self.cfg.to_hf_dict(), "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
         _atomic(os.path.join(path, "config.json"), lambda p: _write_json(hf_cfg, p))
 
-    def _from_hf_state_dict(self, hf):
-        """Map checkpoint keys to ours; every missing, unexpected or mis-shaped tensor is an error naming it."""
-        ours = self.state_dict()
+    def checkpoint_tensors(self, path):
+        """
+        Yield (our parameter name, tensor) from a Hugging Face checkpoint directory one tensor at a time, after
+        checking every name and shape against this model: missing, unexpected or mis-shaped tensors are an error
+        naming them. With tied embeddings `lm_head.weight` is not yielded (the checkpoint may or may not store it).
+        A sharded trainer places each tensor and drops it, never holding the whole model (train.py).
+        """
+        from contextlib import ExitStack
+        from safetensors import safe_open
+        ours = {k: v.shape for k, v in self.state_dict().items()}
         if self.cfg.tie_word_embeddings:
             ours.pop("lm_head.weight")
-            hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}   # may or may not be stored when tied
-        sd, unexpected = {}, []
-        for key, t in hf.items():
-            name = _hf_to_ours(key)
-            if name not in ours:
-                unexpected.append(key)
-                continue
-            if name == PATCH_EMBED:                        # Conv3d [D, 3, 2, 16, 16] -> Linear [D, 1536]
-                t = t.reshape(t.shape[0], -1)
-            if t.shape != ours[name].shape:
-                raise ValueError(f"checkpoint tensor {key!r} has shape {list(t.shape)}, the config expects "
-                                 f"{list(ours[name].shape)}")
-            sd[name] = t
-        missing = sorted(set(ours) - set(sd))
-        if self.cfg.tie_word_embeddings and "language_model.embed_tokens.weight" in sd:
-            sd["lm_head.weight"] = sd["language_model.embed_tokens.weight"]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the config: missing {missing[:10]}"
-                             f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]}"
-                             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
-        return sd
+        with ExitStack() as stack:
+            where, unexpected = {}, []                       # our name -> (open file, checkpoint key)
+            for file in checkpoint_files(path):
+                try:
+                    f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                    keys = {k: f.get_slice(k).get_shape() for k in f.keys()}
+                except Exception as e:
+                    raise ValueError(f"cannot read safetensors file {file!r}: {e}") from e
+                for key, shape in keys.items():
+                    name = _hf_to_ours(key)
+                    if name not in ours:
+                        if not (key == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                            unexpected.append(key)
+                        continue
+                    if name == PATCH_EMBED:                  # Conv3d [D, 3, 2, 16, 16] -> Linear [D, 1536]
+                        shape = [shape[0], math.prod(shape[1:])]
+                    if list(shape) != list(ours[name]):
+                        raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, the config expects "
+                                         f"{list(ours[name])}")
+                    where[name] = (f, key)
+            missing = sorted(set(ours) - set(where))
+            if missing or unexpected:
+                raise ValueError(f"checkpoint does not match the config: missing {missing[:10]}"
+                                 f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected "
+                                 f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
+            for name, (f, key) in where.items():
+                t = f.get_tensor(key)
+                yield name, t.reshape(ours[name]) if name == PATCH_EMBED else t
 
     def _to_hf_state_dict(self):
         v = self.cfg.vision
@@ -527,6 +605,32 @@ class Qwen3VL(nn.Module):
                 t = t.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
             hf[_ours_to_hf(name)] = t.detach().contiguous()
         return hf
+
+
+def read_hf_config(path):
+    """The Qwen3VLConfig of a Hugging Face checkpoint directory's config.json."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{os.fspath(path)!r} is not a Qwen3-VL checkpoint directory: no config.json")
+    with open(cfg_file) as f:
+        return Qwen3VLConfig.from_hf_dict(json.load(f))
+
+
+def checkpoint_files(path):
+    """The safetensors files of a checkpoint directory: one model.safetensors or the shards of an index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"checkpoint shard {file!r} listed in the index is missing")
+        return files
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    pickled = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {os.fspath(path)!r}{hint}")
 
 
 # The whole key table: our module tree mirrors the checkpoint's below these prefixes.

@@ -126,7 +126,7 @@ class Tokenizer:
         self.ranks, self.special, self.pattern, self.normalize = ranks, dict(special_tokens), pattern, normalize
         self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special)
-        self.n_vocab = self.vocab_size = max([len(ranks) - 1, *self.special.values()]) + 1
+        self.n_vocab = max([len(ranks) - 1, *self.special.values()]) + 1      # number of token ids
         self.id_to_special = {i: t for t, i in self.special.items()}
         self.endoftext_id = self.pad_id = self.special["<|endoftext|>"]
         self.im_start_id, self.im_end_id = self.special["<|im_start|>"], self.special["<|im_end|>"]
@@ -135,14 +135,16 @@ class Tokenizer:
         self.eos_ids = [self.im_end_id, self.endoftext_id]                # generation_config.json: [151645, 151643]
         self.control_ids = {self.special[t] for t in CONTROL_TOKENS if t in self.special}
         self.special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
-        self.assistant_re = re.compile("|".join(re.escape(t) for t in ASSISTANT_TOKENS if t in self.special))
+        self.assistant_re = re.compile("|".join([re.escape(t) for t in ASSISTANT_TOKENS if t in self.special])
+                                       or "(?!)")                        # (?!) never matches
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path=None):
         """
-        path: a tiktoken ranks file (default data/qwen.tiktoken), or a Hugging Face checkpoint directory with
-        tokenizer.json, or with vocab.json + merges.txt (+ added_tokens.json / tokenizer_config.json).
+        path: a tiktoken ranks file (default data/qwen.tiktoken); or a checkpoint directory with one of
+        tokenizer.tiktoken (ours, written by `save`), tokenizer.json (Hugging Face), or vocab.json + merges.txt
+        (+ added_tokens.json / tokenizer_config.json; the older Hugging Face files).
         """
         path = DEFAULT_PATH if path is None else os.fspath(path)
         if not os.path.exists(path):
@@ -150,18 +152,22 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer at {path}{hint}")
         if not os.path.isdir(path):
             return cls(read_tiktoken_file(path))
+        if os.path.exists(os.path.join(path, "tokenizer.tiktoken")):
+            return cls(read_tiktoken_file(os.path.join(path, "tokenizer.tiktoken")))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
                 spec = json.load(f)
-            model = spec["model"]
-            if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-                raise ValueError(f"{path}/tokenizer.json is not a byte-level BPE tokenizer")
+            model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+            steps = pre.get("pretokenizers", [pre])                     # a Sequence of steps, or a single step
+            splits = [s["pattern"]["Regex"] for s in steps if s.get("type") == "Split" and "Regex" in s["pattern"]]
+            normalizer = (spec.get("normalizer") or {}).get("type")
+            if model.get("type") != "BPE" or not splits or normalizer not in (None, "NFC"):
+                raise ValueError(f"{path}/tokenizer.json is not a Qwen-style tokenizer (byte-level BPE after a regex "
+                                 f"split, NFC or no normaliser): model {model.get('type')}, normaliser {normalizer}")
             merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
             ranks = ranks_from_hf_bpe(model["vocab"], merges)
             special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-            splits = re.findall(r'"Split".*?"Regex":\s*("(?:[^"\\]|\\.)*")', json.dumps(spec.get("pre_tokenizer")))
-            pattern = json.loads(splits[0]) if splits else QWEN_PATTERN
-            normalize = "NFC" in json.dumps(spec.get("normalizer"))
+            pattern, normalize = splits[0], normalizer == "NFC"
         elif os.path.exists(os.path.join(path, "vocab.json")):
             with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
                 vocab = json.load(f)
@@ -170,7 +176,7 @@ class Tokenizer:
             ranks = ranks_from_hf_bpe(vocab, merges)
             special, pattern, normalize = cls._hf_added_tokens(path), QWEN_PATTERN, True   # Qwen2Tokenizer's
         else:
-            raise FileNotFoundError(f"{path} has neither tokenizer.json nor vocab.json + merges.txt")
+            raise FileNotFoundError(f"{path} has no tokenizer.tiktoken, tokenizer.json or vocab.json + merges.txt")
         # A BPE vocab can also list its added tokens; they are not merge ranks.
         added_ids = set(special.values())
         ranks = {b: i for b, i in ranks.items() if i not in added_ids}
@@ -189,7 +195,10 @@ class Tokenizer:
         return {}
 
     def save(self, path):
-        """Write the ranks as a tiktoken file; the special tokens follow from the ranks (SPECIAL_TOKENS after them)."""
+        """
+        Write the ranks as a tiktoken file (in a checkpoint: <dir>/tokenizer.tiktoken); the special tokens follow
+        from the ranks (SPECIAL_TOKENS right after them).
+        """
         if self.special != {t: len(self.ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}:
             raise ValueError("only tokenizers with the default special-token layout can be saved as a ranks file")
         with open(path, "wb") as f:
@@ -312,7 +321,9 @@ class Tokenizer:
                     parts[-1] = (parts[-1][0] + text, train)
                 else:
                     parts.append((text, train))
-            parts = [(self._nfc(text), train) for text, train in parts]    # NFC never joins across a "\n"
+            # NFC part by part equals NFC of the whole: the flag only changes after the "assistant\n" header,
+            # and NFC never composes a character with a newline.
+            parts = [(self._nfc(text), train) for text, train in parts]
             tokens = self.enc.encode_ordinary("".join(text for text, _ in parts))
             ids.extend(tokens)
             if len(parts) == 1:
@@ -374,8 +385,8 @@ class Tokenizer:
         def template(text, train=False):          # text the template writes: its special-token strings are tokens
             out.extend((p, train) for p in self.split_special(text, self.special_re))
 
-        def plain(text, train=False):             # message text: always plain text
-            out.append((text, train))
+        def plain(text):                           # message text: always plain text
+            out.append((text, False))
 
         def answer(text):                          # assistant text: may hold the tokens the model writes
             out.extend((p, True) for p in self.split_special(text, self.assistant_re))

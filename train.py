@@ -2,9 +2,10 @@
 Train Qwen3-VL: the paper's recipe as settings of one training loop (Qwen3-VL Technical Report §3.1, §4.1).
 
     python train.py                                   # toy-cpu on the toy world: every stage, eval, sample, plots
-    python train.py --preset toy-gpu --device cuda --batch_size 32 --seq_len 512
-    python train.py --init_from path/to/Qwen3-VL-2B-Instruct --stages sft:500 --lr 1e-5
     python train.py --out_dir out/toy --resume        # continue exactly where a stopped run left off
+    python train.py --preset toy-gpu --batch_size 32 --seq_len 512                     # one GPU
+    torchrun --nproc_per_node 8 train.py --preset qwen3-vl-8b --activation_checkpointing ...   # FSDP2, one node
+    python train.py --plan --preset qwen3-vl-8b --seq_len 4096 --batch_size 1 --n_gpus 2     # memory/FLOPs plan
 
 Stages (`--stages name:steps,...`, run in order):
     align     stage 0: only the mergers learn (ViT and LLM frozen), on image captions
@@ -12,11 +13,16 @@ Stages (`--stages name:steps,...`, run in order):
     long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
     sft       chat-formatted data, loss on the assistant's tokens only
 
-Every row packs several samples; attention never crosses samples (`document_ids`) and each sample's 3-D
-positions start at 0. AdamW with decay groups, per-stage warmup + cosine schedule, global-norm clipping,
-bf16 autocast on GPU, gradient accumulation. Checkpoints (model as a Hugging Face directory + optimizer, step,
-data position, RNG states and the run config) are written atomically: a kill during a save leaves the
-previous checkpoint as `latest`.
+Data: every row packs whole samples; attention never crosses samples (`document_ids`) and each sample's 3-D
+positions start at 0. Row r of the run is filled from its own range of the train split, so any rank can build
+any row: the data position is the step, and a run on N GPUs sees exactly the rows of a run on one.
+Optimisation: AdamW with decay groups, per-stage warmup + cosine, global-norm clipping, bf16 autocast (one GPU)
+or FSDP2 bf16 parameters with fp32 gradient reduction (torchrun), gradient accumulation. The loss of a step is
+the mean over all its target tokens, across micro-steps and ranks, so it does not depend on how it is split.
+Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
+(resumable on any number of ranks), the step, the RNG states, the run settings and the tokenizer; it is written
+under a temporary name and then renamed, and out_dir/latest is replaced atomically, so a kill during a save
+leaves the previous checkpoint in place. The end of a run exports out_dir/hf/, a Hugging Face directory.
 """
 import argparse
 import json
@@ -24,20 +30,26 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
+import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
-from model import Qwen3VL, Qwen3VLConfig
+from model import PRESETS, Qwen3VL, Qwen3VLConfig, read_hf_config
 from processor import Processor
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Run settings
 
-STAGES = {   # name -> (task mix of the toy world, trainable part, tokens that carry loss, row length multiplier)
+STAGES = {   # name -> task mix of the toy world, trainable part, tokens that carry loss, row length multiplier
     "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1),
     "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1),
     "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2),
@@ -54,7 +66,7 @@ def get_parser():
     # data
     p.add_argument("--image_size", type=int, default=64, help="toy world image side in pixels")
     p.add_argument("--stages", default="align:60,pretrain:420,long:60,sft:240", help="name:steps,... in order")
-    p.add_argument("--batch_size", type=int, default=8, help="packed rows per micro-step")
+    p.add_argument("--batch_size", type=int, default=8, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     # optimisation
@@ -65,18 +77,24 @@ def get_parser():
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad_clip", type=float, default=1.0, help="global gradient norm limit (0: off)")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval_every", type=int, default=200, help="steps between evaluations (and checkpoints)")
+    p.add_argument("--eval_every", type=int, default=200, help="steps between evaluations and checkpoints (0: end only)")
     p.add_argument("--eval_samples", type=int, default=24, help="validation samples per task")
     p.add_argument("--test_samples", type=int, default=64, help="test samples per task in the final evaluation")
+    p.add_argument("--max_new_tokens", type=int, default=40, help="longest answer generated in evaluation")
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--out_dir", default="out/toy")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     p.add_argument("--config", default="", help="a JSON file of these settings (command-line flags win)")
     # system
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="autocast dtype: bfloat16 or float32 (auto: bf16 on cuda)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available); torchrun: one GPU per rank")
+    p.add_argument("--dtype", default="auto", help="compute dtype: bfloat16 or float32 (auto: bf16 on cuda)")
+    p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
+    # the planner
+    p.add_argument("--plan", action="store_true", help="print the memory and FLOPs plan of this run and exit")
+    p.add_argument("--n_gpus", type=int, default=1, help="GPUs assumed by --plan")
+    p.add_argument("--visual_fraction", type=float, default=0.5, help="share of visual tokens assumed by --plan")
     return p
 
 
@@ -92,13 +110,12 @@ def parse_args(argv=None):
             raise SystemExit(f"error: unknown key(s) {unknown} in {args.config}; known: {sorted(known)}")
         parser.set_defaults(**settings)
         args = parser.parse_args(argv)          # flags given on the command line override the file
-    stages = []
+    args.stage_list = []
     for item in args.stages.split(","):
         name, _, steps = item.partition(":")
         if name not in STAGES or not steps.isdigit():
             raise SystemExit(f"error: bad stage {item!r}; use name:steps with name in {list(STAGES)}")
-        stages.append((name, int(steps)))
-    args.stage_list = stages
+        args.stage_list.append((name, int(steps)))
     return args
 
 
@@ -108,60 +125,55 @@ def parse_args(argv=None):
 
 class Packer:
     """
-    Fills rows of `seq_len` tokens with whole samples, in order of the train split's index. Each row carries
-    `document_ids` (attention stays inside a sample), 3-D `position_ids` restarting at every sample, and labels
-    on the stage's tokens. `index` is the data position saved in checkpoints; samples that do not fit an empty
-    row are skipped (counted in `skipped`).
+    Row r of the run packs whole samples from its own slice of the train split, indices [r*SPAN, (r+1)*SPAN),
+    in order, until the next one does not fit (it is dropped; a sample longer than a row is skipped). So a row
+    is a pure function of its number: ranks build disjoint rows without talking, and resuming needs only the step.
     """
+    SPAN = 512
 
-    def __init__(self, world, processor, model, index=0):
+    def __init__(self, world, processor, model):
         self.world, self.processor, self.model = world, processor, model
-        self.index, self.skipped, self.pending = index, 0, None
+        self.skipped = 0
 
     def encode(self, sample, loss_on):
+        """One sample -> ids [L], labels [L] (on the stage's tokens), positions [3, L], its pixels and grids."""
         b = self.processor([sample["messages"]])
-        ids = b["input_ids"][0]                                                  # [L]
-        if loss_on == "assistant":
-            labels = b["labels"][0]
-        else:   # every text token; visual placeholders carry no next-token target
+        ids = b["input_ids"][0]
+        if loss_on == "assistant":                        # SFT: the assistant's reply and its <|im_end|>
+            labels = b["labels"][0].clone()
+        else:                                             # every text token; visual placeholders have no target
             tok = self.processor.tok
             labels = ids.masked_fill((ids == tok.image_token_id) | (ids == tok.video_token_id), -100)
-        labels = labels.clone()
-        labels[0] = -100                                                         # nothing predicts a sample's first token
+        labels[0] = -100                                  # nothing in the row predicts a sample's first token
         pos, _ = self.model.get_position_ids(b["input_ids"], None, b["image_grid_thw"], b["video_grid_thw"])
         return dict(ids=ids, labels=labels, pos=pos[:, 0], pv=b["pixel_values"], ig=b["image_grid_thw"],
                     pvv=b["pixel_values_videos"], vg=b["video_grid_thw"])
 
-    def next_batch(self, stage, batch_size, seq_len):
+    def row(self, r, stage, seq_len):
         from data.toyworld import MIXES
-        mix = MIXES[STAGES[stage]["mix"]]
-        rows = []
-        while len(rows) < batch_size:
-            row, n = [], 0
-            while True:
-                if self.pending is None:
-                    s = self.world.sample("train", self.index, mix=mix)
-                    self.index += 1
-                    self.pending = self.encode(s, STAGES[stage]["loss_on"])
-                L = len(self.pending["ids"])
-                if L > seq_len:
-                    self.skipped += 1
-                    self.pending = None
-                    continue
-                if n + L > seq_len:
-                    break
-                row.append(self.pending)
-                n += L
-                self.pending = None
-            rows.append(row)
-        return collate(rows, seq_len, self.processor.tok.pad_id)
+        mix, loss_on = MIXES[STAGES[stage]["mix"]], STAGES[stage]["loss_on"]
+        samples, n = [], 0
+        for index in range(r * self.SPAN, (r + 1) * self.SPAN):
+            s = self.encode(self.world.sample("train", index, mix=mix), loss_on)
+            if len(s["ids"]) > seq_len:
+                self.skipped += 1
+                continue
+            if n + len(s["ids"]) > seq_len:
+                break
+            samples.append(s)
+            n += len(s["ids"])
+        return samples
+
+    def batch(self, rows, stage, seq_len):
+        return collate([self.row(r, stage, seq_len) for r in rows], seq_len, self.processor.tok.pad_id)
 
 
 def collate(rows, seq_len, pad_id):
+    """Packed rows -> model kwargs: input_ids, labels, document_ids, position_ids [3, B, S], pixels and grids."""
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), -100, dtype=torch.long)
-    document_ids = torch.full((B, seq_len), -1, dtype=torch.long)               # padding: its own document
+    document_ids = torch.zeros(B, seq_len, dtype=torch.long)
     position_ids = torch.zeros(3, B, seq_len, dtype=torch.long)
     pv, ig, pvv, vg = [], [], [], []
     for b, row in enumerate(rows):
@@ -174,10 +186,55 @@ def collate(rows, seq_len, pad_id):
                 if s[key] is not None:
                     lst.append(s[key])
             n += L
-        document_ids[b, n:] = torch.arange(len(row), len(row) + seq_len - n)    # each pad token alone
+        document_ids[b, n:] = torch.arange(len(row), len(row) + seq_len - n)    # each padding token on its own
     cat = lambda xs: torch.cat(xs) if xs else None
     return dict(input_ids=input_ids, labels=labels, document_ids=document_ids, position_ids=position_ids,
                 pixel_values=cat(pv), image_grid_thw=cat(ig), pixel_values_videos=cat(pvv), video_grid_thw=cat(vg))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model placement: one device, or FSDP2 shards (torchrun)
+
+
+def shard(model, mesh, activation_checkpointing):
+    """
+    FSDP2 the torchtitan way: each decoder block and the whole vision encoder are units of their own, the root
+    keeps the embeddings, final norm and (tied) head. Parameters are all-gathered in bf16, gradients reduced in
+    fp32; the optimizer sees fp32 shards. Activation checkpointing wraps blocks before sharding.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for blocks in (model.language_model.layers, model.visual.blocks):
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mesh.device_type == "cuda" else torch.float32,
+                              reduce_dtype=torch.float32)
+    fully_shard(model.visual, mesh=mesh, mp_policy=mp)
+    for layer in model.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+@torch.no_grad()
+def fill(model, tensors):
+    """Copy (name, full tensor) pairs into the model's parameters, each rank keeping only its own shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = dict(model.named_parameters())
+    for name, t in tensors:
+        p = params[name] if name in params else _find(params, name)
+        t = t.to(device=p.device, dtype=p.dtype)
+        if isinstance(p, DTensor):
+            t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(t)
+
+
+def _find(params, name):
+    """A parameter by its plain name, also when activation checkpointing wrapped its block."""
+    for key, p in params.items():
+        if key.replace("_checkpoint_wrapped_module.", "") == name:
+            return p
+    raise KeyError(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +244,7 @@ def collate(rows, seq_len, pad_id):
 def set_trainable(model, part):
     """'mergers': only the ViT's merger and DeepStack mergers learn (stage 0); 'all': everything."""
     for name, p in model.named_parameters():
-        p.requires_grad = part == "all" or name.startswith(("visual.merger.", "visual.deepstack_merger_list."))
+        p.requires_grad = part == "all" or ".merger." in f".{name}" or "deepstack_merger_list." in name
 
 
 def make_optimizer(model, args, device):
@@ -195,7 +252,7 @@ def make_optimizer(model, args, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8, foreach=True)
 
 
 def lr_at(step_in_stage, stage_steps, args):
@@ -213,62 +270,94 @@ def stage_of(step, stage_list):
         if step < n:
             return name, step, n
         step -= n
-    return stage_list[-1][0], stage_list[-1][1], stage_list[-1][1]
+    raise ValueError(f"step {step} is past the last stage")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir, model, tok, optimizer, train_state):
+def save_checkpoint(out_dir, model, optimizer, tok, step, args, rank):
     """
-    Write out_dir/ckpt-<step>/ (the model as a Hugging Face directory, tokenizer, train_state.pt, run.json) under a
-    temporary name, rename it into place, then point out_dir/latest at it (an atomic file replace), then
-    delete older checkpoints. A kill at any point leaves `latest` naming a complete checkpoint.
+    out_dir/ckpt-<step>/: dcp/ (model + optimizer, one shard per rank), config.json, tokenizer.tiktoken,
+    train_state.json (step, settings) and rng-<rank>.pt, written as ckpt-<step>.tmp, then renamed; then
+    out_dir/latest is replaced atomically and older checkpoints are deleted.
     """
-    name = f"ckpt-{train_state['step']:07d}"
+    name = f"ckpt-{step:07d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
-    torch.save(dict(train_state, optimizer=optimizer.state_dict(), rng=rng_state()), os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "run.json"), "w") as f:
-        json.dump(train_state["args"], f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-    for old in os.listdir(out_dir):
-        if old.startswith("ckpt-") and old != name:
-            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
-    return final
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one process: no sharding needed
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"))
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model_config(model).to_hf_dict(), f, indent=2)
+        tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(dict(step=step, args={k: v for k, v in vars(args).items() if k != "stage_list"}), f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+        for old in os.listdir(out_dir):
+            if old.startswith("ckpt-") and old != name:
+                shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+    barrier()
 
 
-def load_checkpoint(out_dir):
-    """(checkpoint directory, train state) of out_dir's latest checkpoint."""
+def latest_checkpoint(out_dir):
     latest = os.path.join(out_dir, "latest")
     if not os.path.isfile(latest):
         raise SystemExit(f"error: --resume: no checkpoint in {out_dir!r} (no 'latest' file)")
     with open(latest) as f:
-        path = os.path.join(out_dir, f.read().strip())
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)   # our own file, written above
-    return path, state
+        return os.path.join(out_dir, f.read().strip())
+
+
+def load_checkpoint(path, model, optimizer, rank):
+    """Model, optimizer and RNG from a checkpoint written by any number of ranks; returns its step."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    if os.path.isfile(rng_file):              # a run resumed on more ranks than it was saved with starts their RNG anew
+        rng = torch.load(rng_file, weights_only=False)   # our own file: Python/NumPy RNG states are not tensors
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)["step"]
+
+
+def export_hf(model, tok, processor, path, rank):
+    """The trained model as a Hugging Face directory (gathering the shards on rank 0), with our tokenizer."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        with torch.device("meta"):
+            plain = Qwen3VL(model_config(model))
+        plain.load_state_dict(sd, assign=True)
+        if plain.cfg.tie_word_embeddings:
+            plain.lm_head.weight = plain.language_model.embed_tokens.weight
+        plain.save_pretrained(path)
+        tok.save(os.path.join(path, "tokenizer.tiktoken"))
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(dict(min_pixels=processor.min_pixels, max_pixels=processor.max_pixels), f)
+    barrier()
+
+
+def model_config(model):
+    return (model._orig_mod if hasattr(model, "_orig_mod") else model).cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,8 +365,9 @@ def load_checkpoint(out_dir):
 
 
 @torch.no_grad()
-def evaluate(model, processor, world, split, n_per_task, device, autocast, batch_size=32, max_new_tokens=40):
-    """Greedy answers to n_per_task samples of every task; returns {task: mean score} and one example per task."""
+def evaluate(model, processor, world, split, n_per_task, device, autocast, max_new_tokens, batch_size=64):
+    """Greedy answers to n_per_task samples of every task: ({task: mean score}, {task: (sample, reply)}).
+    Every rank runs the same batches (identical greedy decodes keep FSDP's collectives in step)."""
     from data.toyworld import TASKS
     from sample import generate
     model.eval()
@@ -292,7 +382,6 @@ def evaluate(model, processor, world, split, n_per_task, device, autocast, batch
             with autocast:
                 out = generate(model, **batch, max_new_tokens=max_new_tokens, temperature=0.0,
                                eos_ids=processor.tok.eos_ids, pad_id=processor.tok.pad_id)
-            out = out[0] if isinstance(out, tuple) else out
             for s, ids in zip(chunk, out.tolist()):
                 reply = processor.tok.decode(ids, skip_special_tokens=True).strip()
                 total += TASKS[task].score(reply, s)
@@ -302,11 +391,8 @@ def evaluate(model, processor, world, split, n_per_task, device, autocast, batch
     return scores, examples
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Plots
-
-
 def plot(out_dir, metrics, stage_list):
+    """loss.png (training loss, stages marked) and metrics.png (validation score per task, chance dotted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -315,12 +401,12 @@ def plot(out_dir, metrics, stage_list):
     evals = [m for m in metrics if "eval" in m]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot([m["step"] for m in train], [m["loss"] for m in train], lw=1)
+    ax.set(xlabel="step", ylabel="train loss", yscale="log", title="training loss")
     edge = 0
     for name, n in stage_list:
         ax.axvline(edge, color="gray", ls=":", lw=0.8)
-        ax.text(edge, ax.get_ylim()[1], f" {name}", va="top", fontsize=8)
+        ax.annotate(name, (edge, 1), xycoords=("data", "axes fraction"), va="top", fontsize=8)
         edge += n
-    ax.set(xlabel="step", ylabel="train loss", yscale="log", title="training loss")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
     plt.close(fig)
@@ -338,95 +424,183 @@ def plot(out_dir, metrics, stage_list):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Memory and FLOPs planner
+
+
+def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_fraction=0.5):
+    """
+    Per-GPU memory (bytes) and FLOPs per token of a training step under FSDP2 with bf16 compute. Model state
+    (sharded): fp32 parameters 4P, fp32 gradients 4P, AdamW moments 8P, all / n_gpus; plus the unsharded bf16
+    parameters of the two largest units in flight (current and prefetched). Activations (bf16, saved for the
+    backward) per token and block, counted tensor by tensor from model.py; with checkpointing only each block's
+    input is kept plus one block's worth being recomputed. The logits are kept in bf16 and fp32 (cross-entropy).
+    """
+    t, v = cfg.text, cfg.vision
+    with torch.device("meta"):
+        model = Qwen3VL(cfg)
+    P = model.num_params()
+    units = [sum(p.numel() for p in layer.parameters()) for layer in model.language_model.layers]
+    units += [sum(p.numel() for p in model.visual.parameters()), P - sum(units) - sum(p.numel() for p in model.visual.parameters())]
+    state = 16 * P / n_gpus + 2 * 2 * sorted(units)[-1] + 2 * 2 * sorted(units)[-2]
+    tokens = seq_len * batch_size
+    H, I, q, kv = t.hidden_size, t.intermediate_size if t.num_experts == 0 else t.moe_intermediate_size * t.num_experts_per_tok, \
+        t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    # LLM block, bytes per token (bf16): input, norm out, q/k/v (+ normed/rotated q,k), attention out, residual,
+    # norm out, gate/up/silu/product, plus fp32 norm statistics
+    llm = 2 * (H + H + 2 * q + 4 * kv + q + H + H + 4 * I) + 4 * 4
+    D, Iv = v.hidden_size, v.intermediate_size
+    vit = 2 * (D + D + 3 * D + 2 * D + D + D + D + 2 * Iv)       # per patch
+    patches = 4 * visual_fraction * tokens                        # 4 patches per visual token (2x2 merge)
+    full = tokens * llm * t.num_hidden_layers + patches * vit * v.depth
+    kept = tokens * 2 * H * t.num_hidden_layers + patches * 2 * D * v.depth + tokens * llm + patches * vit
+    logits = tokens * t.vocab_size * (2 + 4 + 4)                  # bf16 logits, fp32 copy, fp32 grad
+    acts = (kept if activation_checkpointing else full) + logits
+    emb = t.vocab_size * H
+    active = P - (t.num_hidden_layers * t.num_experts * 3 * H * t.moe_intermediate_size) * (1 - t.num_experts_per_tok / max(1, t.num_experts)) if t.num_experts else P
+    vit_params = sum(p.numel() for p in model.visual.parameters())
+    llm_flops = 6 * (active - vit_params - emb * (1 if cfg.tie_word_embeddings else 2)) + 6 * emb \
+        + 6 * t.num_hidden_layers * q * seq_len                  # causal attention: half of 12 L q S
+    vit_flops = 4 * visual_fraction * 6 * vit_params             # per LLM token, 4 patches per visual token
+    return dict(params=P, state=state, activations=acts, total=state + acts, flops_per_token=llm_flops + vit_flops)
+
+
+def print_plan(args):
+    """The plan of --init_from's config or of --preset ('all': every released size)."""
+    if args.init_from:
+        configs = {args.init_from: read_hf_config(args.init_from)}
+    elif args.preset == "all":
+        configs = {n: Qwen3VLConfig.from_preset(n) for n in PRESETS if n.startswith("qwen3-vl-")}
+    else:
+        configs = {args.preset: Qwen3VLConfig.from_preset(args.preset)}
+    print(f"seq_len {args.seq_len}, batch {args.batch_size} per GPU, {args.n_gpus} GPUs, FSDP2 bf16, AdamW; "
+          f"{args.visual_fraction:.0%} visual tokens")
+    print(f"{'model':>20s} {'params':>9s} {'state/GPU':>10s} {'acts/GPU':>9s} {'acts+AC':>9s} {'total/GPU':>10s} {'TFLOP/tok':>10s}")
+    for name, c in configs.items():
+        a = plan(c, args.seq_len, args.batch_size, args.n_gpus, False, args.visual_fraction)
+        b = plan(c, args.seq_len, args.batch_size, args.n_gpus, True, args.visual_fraction)
+        tot = b["total"] if args.activation_checkpointing else a["total"]
+        print(f"{name:>20s} {a['params'] / 1e9:8.2f}B {a['state'] / 2**30:9.1f}G {a['activations'] / 2**30:8.1f}G "
+              f"{b['activations'] / 2**30:8.1f}G {tot / 2**30:9.1f}G {a['flops_per_token'] / 1e12:10.4f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Main
 
 
-def flops_per_token(cfg, seq_len):
-    """Training FLOPs per LLM token: 6 x (non-embedding LLM parameters) + attention (12 x layers x width x seq)."""
-    t = cfg.text
-    attn = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
-    mlp = 3 * t.hidden_size * t.intermediate_size
-    return 6 * t.num_hidden_layers * (attn + mlp) + 6 * t.hidden_size * t.vocab_size + \
-        12 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * seq_len
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     from data.toyworld import TASKS, ToyWorld
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+
+    # -- compute: one process, or one rank per GPU under torchrun --
+    distributed = "RANK" in os.environ
+    if distributed:
+        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (world_size,))
+    else:
+        rank, world_size = 0, 1
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    os.makedirs(args.out_dir, exist_ok=True)
+    # FSDP casts parameters itself; a single device uses autocast
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not distributed else nullcontext()
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
     world = ToyWorld(seed=args.seed, image_size=args.image_size)
 
-    # -- tokenizer, processor and model --
-    resume_path, state = load_checkpoint(args.out_dir) if args.resume else (None, None)
-    if resume_path:
-        tok = Tokenizer.from_pretrained(os.path.join(resume_path, "tokenizer.tiktoken"))
-        model = Qwen3VL.from_pretrained(resume_path)
+    # -- tokenizer and model config: from the checkpoint resumed, from --init_from, or a preset + a new BPE --
+    resume = latest_checkpoint(args.out_dir) if args.resume else None
+    if resume:
+        tok = Tokenizer.from_pretrained(os.path.join(resume, "tokenizer.tiktoken"))
+        cfg = read_hf_config(resume)
     elif args.init_from:
         try:
-            model = Qwen3VL.from_pretrained(args.init_from)
+            cfg = read_hf_config(args.init_from)
             tok = Tokenizer.from_pretrained(args.init_from)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --init_from {args.init_from!r}: {e}") from e
-        if tok.n_vocab > model.cfg.text.vocab_size or tok.image_token_id != model.cfg.image_token_id:
+        if tok.n_vocab > cfg.text.vocab_size or tok.image_token_id != cfg.image_token_id:
             raise SystemExit(f"error: --init_from {args.init_from!r}: its tokenizer ({tok.n_vocab} tokens, image "
-                             f"token {tok.image_token_id}) does not fit the model (vocab {model.cfg.text.vocab_size}, "
-                             f"image token {model.cfg.image_token_id})")
+                             f"token {tok.image_token_id}) does not fit its model (vocab {cfg.text.vocab_size}, "
+                             f"image token {cfg.image_token_id})")
     else:
         t0 = time.time()
         tok = Tokenizer.train(world.text_corpus(4000), args.vocab_size)
-        print(f"trained a {tok.n_vocab}-token BPE on the toy world in {time.time() - t0:.1f}s")
+        say(f"trained a {tok.n_vocab}-token BPE on the toy world in {time.time() - t0:.1f}s")
         cfg = Qwen3VLConfig.from_preset(
             args.preset, text=dict(vocab_size=64 * math.ceil(tok.n_vocab / 64)),
             image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
             vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
+
+    # -- the model: built on the meta device, placed (and sharded), then initialised or loaded tensor by tensor --
+    with torch.device("meta"):
         model = Qwen3VL(cfg)
-        model.init_weights()
-    model.to(device)
-    cfg = model.cfg
+    if distributed:
+        shard(model, mesh, args.activation_checkpointing)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings and not distributed:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    if args.init_from and not resume:
+        try:
+            fill(model, Qwen3VL.checkpoint_tensors(model, args.init_from))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --init_from {args.init_from!r}: {e}") from e
+    else:                                      # (a resumed run overwrites this from its checkpoint below)
+        fill(model, ((n, Qwen3VL.initial_value(n, p.shape, args.seed)) for n, p in model.named_parameters()))
     processor = Processor(tok, min_pixels=args.image_size ** 2 // 2, max_pixels=args.image_size ** 2 * 4)
-    print(f"model: {model.num_params():,} parameters ({sum(p.numel() for p in model.visual.parameters()):,} in the "
-          f"ViT); device {device}, compute dtype {dtype}")
+    n_vit = sum(p.numel() for p in model.visual.parameters())
+    say(f"model: {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} LLM + {cfg.vision.depth} x "
+        f"{cfg.vision.hidden_size} ViT, {model.num_params():,} parameters ({n_vit:,} in the ViT); {world_size} x {device.type}, "
+        f"compute {dtype}{', FSDP2' if distributed else ''}")
     optimizer = make_optimizer(model, args, device)
-    packer = Packer(world, processor, model)
     step, metrics = 0, []
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        step, packer.index = state["step"], state["data_index"]
-        set_rng_state(state["rng"])
+    if resume:
+        step = load_checkpoint(resume, model, optimizer, rank)
         with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
             metrics = [m for m in map(json.loads, f) if m["step"] <= step]   # drop what was logged after the save
-        print(f"resumed from {resume_path} at step {step}")
-    with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
+        say(f"resumed from {resume} at step {step}")
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
     train_model = torch.compile(model) if args.compile else model
+    packer = Packer(world, processor, model)
 
     total_steps = sum(n for _, n in args.stage_list)
-    run_args = {k: v for k, v in vars(args).items() if k != "stage_list"}
-    fpt = flops_per_token(cfg, args.seq_len)
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
-    t_start, tokens_seen = time.time(), 0
+    fpt = plan(cfg, args.seq_len, 1, 1, False)["flops_per_token"]
+    peak = 989e12 if device.type == "cuda" else None               # H100/H200 dense bf16
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    t_start, tokens_run = time.time(), 0
 
     # -- the loop --
     model.train()
     while True:
         last_step = step == total_steps
-        if step > 0 and (step % args.eval_every == 0 or last_step):
-            scores, _ = evaluate(model, processor, world, "val", args.eval_samples, device, autocast)
+        if step > 0 and ((args.eval_every and step % args.eval_every == 0) or last_step):
+            scores, _ = evaluate(model, processor, world, "val", args.eval_samples, device, autocast,
+                                 args.max_new_tokens)
             metrics.append(dict(step=step, eval=scores))
-            log.write(json.dumps(metrics[-1]) + "\n")
-            log.flush()
-            print("eval  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-            save_checkpoint(args.out_dir, model, tok, optimizer,
-                            dict(step=step, data_index=packer.index, args=run_args))
-            plot(args.out_dir, metrics, args.stage_list)
+            if rank == 0:
+                log.write(json.dumps(metrics[-1]) + "\n")
+                log.flush()
+                plot(args.out_dir, metrics, args.stage_list)
+            say("eval  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            save_checkpoint(args.out_dir, model, optimizer, tok, step, args, rank)
         if last_step:
             break
 
@@ -436,46 +610,73 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.time()
-        loss_sum, n_tokens = 0.0, 0
-        for _ in range(args.grad_accum):
-            batch = packer.next_batch(stage, args.batch_size, args.seq_len * STAGES[stage]["seq_mult"])
-            batch = {k: v.to(device) for k, v in batch.items() if v is not None}
+        seq_len = args.seq_len * STAGES[stage]["seq_mult"]
+        rows_per_step = args.batch_size * args.grad_accum * world_size
+        micro = []                             # this rank's micro-batches; rows are numbered across the whole run
+        for m in range(args.grad_accum):
+            first = step * rows_per_step + (m * world_size + rank) * args.batch_size
+            micro.append(packer.batch(range(first, first + args.batch_size), stage, seq_len))
+        # the step's loss is the mean over all its target tokens, on every rank and micro-step
+        n_target = torch.tensor(float(sum((b["labels"][:, 1:] != -100).sum() for b in micro)), device=device)
+        if distributed:
+            dist.all_reduce(n_target)
+        loss_sum = torch.zeros((), device=device)
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items() if v is not None}
+            labels = b.pop("labels")
             with autocast:
-                _, loss = train_model(**batch)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.item() / args.grad_accum
-            n_tokens += batch["input_ids"].numel()
+                logits, _ = train_model(**b, run_vision=distributed)
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum") / n_target
+            (loss * world_size).backward()     # FSDP averages gradients over ranks: undo it, the loss is global
+            loss_sum += loss.detach()
+        if distributed:
+            dist.all_reduce(loss_sum)
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        loss_value = loss_sum.item()
         dt = time.time() - t0
-        tokens_seen += n_tokens
-        metrics.append(dict(step=step, stage=stage, loss=loss_sum, lr=lr))
-        log.write(json.dumps(metrics[-1]) + "\n")
+        tokens = rows_per_step * seq_len
+        tokens_run += tokens
+        metrics.append(dict(step=step, stage=stage, loss=loss_value, lr=lr))
+        if rank == 0:
+            log.write(json.dumps(metrics[-1]) + "\n")
         if step % args.log_every == 0 or step == 1:
-            tps = n_tokens / dt
-            mfu = f" | MFU {100 * fpt * tps / 989e12:.1f}%" if device.type == "cuda" else ""
-            eta = (time.time() - t_start) / max(1, tokens_seen) * n_tokens * (total_steps - step)
-            print(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_sum:.4f} | lr {lr:.2e} | "
-                  f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
-    log.close()
+            tps = tokens / dt
+            mfu = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}%" if peak else ""
+            eta = (time.time() - t_start) / tokens_run * tokens * (total_steps - step)
+            say(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
+    if rank == 0:
+        log.close()
 
-    # -- final test evaluation, one sample, plots --
-    scores, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast)
-    print(f"\ntest ({args.test_samples} samples per task)    score   chance")
-    for task, v in scores.items():
-        print(f"  {task:10s}                   {v:6.2f}   {TASKS[task].chance:6.2f}")
-    with open(os.path.join(args.out_dir, "test_scores.json"), "w") as f:
-        json.dump({t: dict(score=v, chance=TASKS[t].chance) for t, v in scores.items()}, f, indent=2)
-    s, reply = examples["bbox"]
-    print(f"\nsample: {s['question']!r}\n  model: {reply}\n  truth: {s['answer']}")
-    from processor import draw_grounding, parse_grounding
-    image = s["messages"][0]["content"][0]["image"]
-    draw_grounding(image.resize((256, 256)), parse_grounding(reply), os.path.join(args.out_dir, "sample.png"))
-    print(f"wrote {args.out_dir}/loss.png, metrics.png, sample.png, metrics.jsonl; {packer.skipped} samples skipped "
-          f"as longer than a row; {(time.time() - t_start) / 60:.1f} min")
+    # -- final: test evaluation, a Hugging Face export, one answer drawn on its image --
+    scores, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast,
+                                args.max_new_tokens)
+    export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), rank)
+    if rank == 0:
+        say(f"\ntest ({args.test_samples} samples per task)   score   chance")
+        for task, v in scores.items():
+            say(f"  {task:10s}                  {v:6.2f}   {TASKS[task].chance:6.2f}")
+        with open(os.path.join(args.out_dir, "test_scores.json"), "w") as f:
+            json.dump({t: dict(score=v, chance=TASKS[t].chance) for t, v in scores.items()}, f, indent=2)
+        from processor import draw_grounding, parse_grounding
+        s, reply = examples["bbox"]
+        say(f"\nsample: {s['question']}\n  model: {reply}\n  truth: {s['answer']}")
+        try:
+            items = parse_grounding(reply)
+        except ValueError:
+            items = []
+        draw_grounding(s["messages"][0]["content"][0]["image"].resize((256, 256)), items,
+                       os.path.join(args.out_dir, "sample.png"))
+        say(f"wrote {args.out_dir}/: loss.png, metrics.png, sample.png, metrics.jsonl, test_scores.json, hf/ "
+            f"(Hugging Face export); {packer.skipped} samples skipped as longer than a row; "
+            f"{(time.time() - t_start) / 60:.1f} min")
+    if distributed:
+        dist.destroy_process_group()
     return scores
 
 

@@ -1,0 +1,184 @@
+"""
+The Qwen3-VL-MoE sparse block (30B-A3B, 235B-A22B): a router sends each token to k of E SwiGLU experts
+(reference §4; Hugging Face `Qwen3VLMoeTextSparseMoeBlock`, transformers 4.57.6 modeling_qwen3_vl_moe.py).
+
+Notable features
+- Router: a bias-free linear H -> E; softmax in float32 over ALL E experts, then the top k. The k weights are
+  always renormalised to sum to 1 (the reference ignores `norm_topk_prob`, §7.12) and cast back to the activation
+  dtype. No shared expert, no expert bias, no routed scaling factor.
+- Experts stored fused, exactly as in the checkpoint (x @ W layout): `experts.gate_up_proj` [E, H, 2I], columns
+  [:I] the gate and [I:] the up projection, and `experts.down_proj` [E, I, H].
+- Two execution paths, same maths (`SparseMoeBlock.impl`, or `set_impl(model, ...)` for a whole model):
+    "loop"     for each expert: gather the tokens routed to it, run its SwiGLU, add the weighted output back.
+               The one to read; its shapes depend on the routing, so every expert costs a host sync.
+    "grouped"  (default) sort the T*k (token, slot) pairs by expert, so that each expert's rows are one contiguous
+               block, and run each projection as ONE grouped matrix multiply over the E blocks
+               (`torch._grouped_mm`). Fixed shapes and no host sync on a GPU with the kernel (CUDA bf16, sm90/sm100),
+               so it compiles and captures in CUDA graphs; elsewhere the same sorted blocks go through one
+               matmul each.
+- Switch-Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6), equal to the reference's
+  `load_balancing_loss_func`, and the routing statistics it is made of (`tokens_per_expert`).
+
+Flow (SparseMoeBlock.forward)
+    x [B, S, H] -> [T, H] --gate--> logits [T, E] --softmax fp32, top-k, renormalise--> weights [T, k], experts [T, k]
+    y[t] = sum_j weights[t, j] * Expert_{experts[t, j]}(x[t]),   Expert_e(x) = (silu(x @ G_e) * (x @ U_e)) @ D_e
+    returns y [B, S, H] and the router logits [T, E] (for the auxiliary loss and routing statistics)
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def is_moe_layer(cfg, layer_idx):
+    """The reference's rule (§4): layer `layer_idx` is sparse unless it is listed in `mlp_only_layers`, the model has
+    experts, and it is one of every `decoder_sparse_step` layers (all of them for the released models)."""
+    return (layer_idx not in cfg.mlp_only_layers and cfg.num_experts > 0
+            and (layer_idx + 1) % cfg.decoder_sparse_step == 0)
+
+
+class Experts(nn.Module):
+    """E independent SwiGLU MLPs, their weights stacked as the checkpoint stores them."""
+
+    def __init__(self, num_experts, dim, hidden, std=0.02):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))   # [E, H, 2I]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))          # [E, I, H]
+        nn.init.normal_(self.gate_up_proj, std=std)      # as the reference's _init_weights (initializer_range)
+        nn.init.normal_(self.down_proj, std=std)
+
+
+class SparseMoeBlock(nn.Module):
+    """Top-k routed SwiGLU experts: forward(x [B, S, H]) -> (y [B, S, H], router_logits [B*S, E])."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)          # the router
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.impl = "grouped"                                                        # or "loop" (same results)
+
+    def route(self, x):
+        """x [T, H] -> router logits [T, E] (x.dtype), weights [T, k] (x.dtype, sum to 1), expert ids [T, k]."""
+        logits = self.gate(x)                                                      # [T, E]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)                     # [T, E] over all experts
+        weights, experts = probs.topk(self.top_k, dim=-1)                          # [T, k] each, best first
+        weights = weights / weights.sum(-1, keepdim=True)                          # renormalised to sum to 1
+        return logits, weights.to(x.dtype), experts
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(B * S, H)                                                    # [T, H]
+        logits, weights, experts = self.route(x)
+        run = {"loop": experts_loop, "grouped": experts_grouped}[self.impl]
+        y = run(x, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)   # [T, H]
+        return y.view(B, S, H), logits
+
+
+def set_impl(model, impl):
+    """Select the execution path of every SparseMoeBlock in `model`: 'grouped' (the default) or 'loop'."""
+    if impl not in ("grouped", "loop"):
+        raise ValueError(f"unknown MoE impl {impl!r}; choose 'grouped' or 'loop'")
+    for m in model.modules():
+        if isinstance(m, SparseMoeBlock):
+            m.impl = impl
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two execution paths: x [T, H], weights [T, k], experts [T, k], gate_up_proj [E, H, 2I], down_proj [E, I, H]
+# -> y [T, H]. Both sum each token's k weighted expert outputs in float32 and round once to x.dtype.
+
+
+def experts_loop(x, weights, experts, gate_up_proj, down_proj):
+    """The readable path: one expert at a time."""
+    I = down_proj.shape[1]
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)                 # [T, H]
+    # unbind: one view per expert, whose backward stacks the E gradients at once (E separate gate_up_proj[e]
+    # would each build a zero gradient as large as all the experts)
+    for e, (w_gate_up, w_down) in enumerate(zip(gate_up_proj.unbind(0), down_proj.unbind(0))):
+        token, slot = torch.where(experts == e)                                    # [n_e] each: who chose e, where
+        h = x[token] @ w_gate_up                                                   # [n_e, 2I]
+        a = F.silu(h[:, :I]) * h[:, I:]                                            # [n_e, I] SwiGLU
+        out = (a @ w_down) * weights[token, slot, None]                            # [n_e, H] weighted
+        y.index_add_(0, token, out.float())
+    return y.to(x.dtype)
+
+
+def experts_grouped(x, weights, experts, gate_up_proj, down_proj):
+    """The fast path: the T*k (token, slot) pairs sorted by expert, each projection one grouped matmul."""
+    T, k = experts.shape
+    E, I = down_proj.shape[0], down_proj.shape[1]
+    pair_expert = experts.flatten()                                                # [T*k] pair p = t*k + j
+    order = pair_expert.argsort(stable=True)                                       # [T*k] pairs, expert by expert
+    # rows per expert: a histogram that stays on the device (torch.bincount would ask the host for the max)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, pair_expert,
+                                                                             torch.ones_like(pair_expert))  # [E]
+    ends = counts.cumsum(0).to(torch.int32)                                        # [E] end row of each block
+    xs = x.index_select(0, order // k)                                             # [T*k, H] tokens, expert-sorted
+    h = grouped_mm(xs, gate_up_proj, ends)                                         # [T*k, 2I]
+    a = F.silu(h[:, :I]) * h[:, I:]                                                # [T*k, I] SwiGLU
+    out = grouped_mm(a, down_proj, ends)                                           # [T*k, H] expert-sorted
+    out = torch.empty_like(out).index_copy_(0, order, out)                         # [T*k, H] back in pair order
+    return (out.view(T, k, -1) * weights[..., None]).sum(1, dtype=torch.float32).to(x.dtype)   # [T, H]
+
+
+def grouped_mm(x, w, ends):
+    """
+    Row block g of x times w[g]: x [N, K] (block g = rows ends[g-1]:ends[g]), w [G, K, M], ends [G] int32 -> [N, M].
+    torch._grouped_mm runs all blocks in one kernel, reading `ends` on the device, where PyTorch has that kernel
+    (CUDA, bf16, compute capability 9.x/10.x: Hopper, Blackwell); it needs 16-byte aligned rows (K, M multiples of
+    8), which every released config has. Elsewhere (CPU, fp32, older GPUs) torch._grouped_mm itself falls back to one
+    matmul per block after copying `ends` to the host, and is slower on the CPU than this loop of the same matmuls.
+    """
+    if has_grouped_mm_kernel(x, w):
+        return torch._grouped_mm(x, w, offs=ends)
+    rows = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()                    # a host sync off the CPU
+    return torch.cat([x_g @ w_g for x_g, w_g in zip(x.split(rows), w.unbind(0))])  # split, unbind: see experts_loop
+
+
+def has_grouped_mm_kernel(x, w):
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == w.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing statistics and the auxiliary load-balancing loss, from the router logits of every MoE layer
+# (a list of [B*S, E], as Qwen3VL keeps in `model.router_logits` after a forward)
+
+
+def tokens_per_expert(router_logits, top_k, attention_mask=None):
+    """
+    [L, E] float: how many tokens each expert received in each of the L MoE layers (each token counts once per
+    expert among its top k); padding is left out when attention_mask [B, S] (1 = real token) is given.
+    """
+    probs = torch.stack(list(router_logits)).float().softmax(-1)                  # [L, T, E]
+    chosen = probs.topk(top_k, dim=-1).indices                                     # [L, T, k]
+    picked = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)                     # [L, T, E] 1 = routed there
+    return (picked * _real_tokens(attention_mask, probs)[:, None]).sum(1)          # [L, E]
+
+
+def load_balancing_loss(router_logits, top_k, attention_mask=None):
+    """
+    Switch Transformer load-balancing loss over all MoE layers (the reference's `load_balancing_loss_func`):
+        E * sum_e f_e * P_e,
+    f_e = tokens routed to expert e / tokens (sums to k over e), P_e = mean router probability of e, both over the
+    real tokens of every layer. Uniform routing gives k; all tokens on the same k experts give up to E.
+    Only P_e carries a gradient. Computed in float32 (the reference keeps the logits' dtype: equal in float32).
+    """
+    probs = torch.stack(list(router_logits)).float().softmax(-1)                  # [L, T, E]
+    L, T, E = probs.shape
+    real = _real_tokens(attention_mask, probs)                                     # [T]
+    n = L * real.sum()
+    f = tokens_per_expert(router_logits, top_k, attention_mask).sum(0) / n         # [E]
+    P = (probs * real[:, None]).sum((0, 1)) / n                                    # [E]
+    return E * (f * P).sum()
+
+
+def _real_tokens(attention_mask, probs):
+    """[T] float: 1 for a real token, 0 for padding (all ones without a mask)."""
+    T = probs.shape[1]
+    if attention_mask is None:
+        return probs.new_ones(T)
+    if attention_mask.numel() != T:
+        raise ValueError(f"attention_mask has {attention_mask.numel()} entries, the router logits {T} tokens")
+    return attention_mask.reshape(T).to(probs)

@@ -1,0 +1,417 @@
+"""
+The Qwen3-VL processor: chats with images and videos -> the model's inputs (reference §5).
+
+Notable features
+- Images (§5.1): any size -> `smart_resize` to multiples of 32 px (patch 16 x merge 2) within a pixel budget,
+  bicubic resize (PIL), x/255 then (x - 0.5)/0.5, the frame repeated to 2 time steps, cut into 16x16x2 patches
+  in merge-block order: `pixel_values` [N, 3*2*16*16], `image_grid_thw` [n, 3] = (1, H/16, W/16).
+- Videos (§5.2): PyAV decoding, frames sampled at 2 fps (4 to 768 frames, `round(linspace)` indices), one pixel
+  budget for the whole clip, frames padded to an even count, 2 frames per patch: `video_grid_thw` = (n/2, H/16, W/16).
+- Textual timestamps (Qwen3-VL report §2.3): each group of 2 frames is written as
+  `<{t:.1f} seconds><|vision_start|><|video_pad|>...<|vision_end|>`, t = mean time of its first and last frame.
+- One call turns a batch of chats into the model's keyword arguments, left-padded, with SFT `labels`.
+- Grounding (§5.4): coordinates in a 0..1000 frame <-> pixels, parsing the model's JSON answer, drawing it.
+
+Inputs are checked where a mistake would otherwise be silent: unreadable files, tiny or extreme images, videos
+without frames, frame arrays without a frame rate.
+"""
+import json
+import math
+import os
+import re
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+
+# ---------------------------------------------------------------------------------------------------------- sizes
+def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216):
+    """
+    The image size the model sees (reference §5.1): both sides multiples of `factor`, area within
+    [min_pixels, max_pixels] where possible, aspect ratio kept as well as the rounding allows.
+    Python's round() rounds halves to even (2.5 -> 2), like the reference.
+    """
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise ValueError(f"a {width}x{height} image has aspect ratio {ratio:.1f}; Qwen3-VL accepts at most 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:                                     # too large: shrink, rounding down
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:                                   # too small: enlarge, rounding up
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, min_pixels=4096,
+                       max_pixels=25165824):
+    """
+    The frame size of a video (reference §5.2): as smart_resize, but the budget covers the whole clip,
+    frames x height x width, with the frame count rounded to a multiple of `temporal_factor`.
+    """
+    if num_frames < temporal_factor:
+        raise ValueError(f"a video needs at least {temporal_factor} frames, got {num_frames}")
+    if height < factor or width < factor:
+        raise ValueError(f"video frames of {width}x{height} px are smaller than {factor} px, the reference minimum")
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise ValueError(f"{width}x{height} video frames have aspect ratio {ratio:.1f}; Qwen3-VL accepts at most 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+def to_rgb(image):
+    """
+    A PIL image of any mode -> RGB uint8. Transparent images are composited on white (like qwen-vl-utils; the
+    reference processor would keep whatever colour the transparent pixels hold). 16-bit greyscale is scaled to
+    8 bits (65535 -> 255; PIL's own convert clips everything above 255 to white).
+    """
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):        # "I": how some readers open 16-bit PNGs
+        grey = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.round(grey / 257), 0, 255).astype(np.uint8))          # mode L
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))                   # rgb * a + white * (1 - a)
+        return white
+    return image.convert("RGB")
+
+
+def load_image(image):
+    """A path, PIL image or HxW[xC] uint8/uint16 array -> RGB PIL image, with a clear error for bad input."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:
+            image = np.round(image.astype(np.float64) / 257).astype(np.uint8)
+        if image.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8 (0..255) or uint16, got {image.dtype}")
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+            raise ValueError(f"image arrays must be HxW, HxWx3 or HxWx4 (channels last), got shape {image.shape}")
+        return to_rgb(Image.fromarray(image))
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"an image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+    path = os.fspath(image)
+    if path.startswith(("http://", "https://")):
+        raise ValueError(f"{path}: URLs are not fetched; download the image and pass its path")
+    path = path[len("file://"):] if path.startswith("file://") else path
+    try:
+        with Image.open(path) as im:
+            im.load()                                                  # decode now: truncation shows up here
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: refused as a decompression bomb ({e}). If the file is trusted, raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS.") from e
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{path} is not an image file (PIL cannot identify it)") from e
+    except OSError as e:
+        raise ValueError(f"{path}: the image cannot be decoded, it is truncated or corrupt ({e})") from e
+
+
+def patchify(frames, patch_size=16, temporal_patch_size=2, merge_size=2):
+    """
+    frames [T, C, H, W] (T a multiple of temporal_patch_size) -> rows [T/2 * H/16 * W/16, C*2*16*16], grid (t, h, w).
+    Row order: for each time step, the 2x2 merge blocks row by row, the 4 patches of a block row-major, so that the
+    merger can take 4 consecutive rows. Each row is ordered (c, t, py, px) like the patch-embedding Conv3d.
+    """
+    T, C, H, W = frames.shape
+    t, h, w = T // temporal_patch_size, H // patch_size, W // patch_size
+    m, p = merge_size, patch_size
+    x = frames.reshape(t, temporal_patch_size, C, h // m, m, p, w // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)                           # t, h/m, w/m, mh, mw, C, tp, py, px
+    return x.reshape(t * h * w, C * temporal_patch_size * p * p), (t, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------- videos
+def sample_frame_indices(total_frames, video_fps, fps=2.0, min_frames=4, max_frames=768):
+    """
+    Which frames to keep (reference §5.2): `fps` frames per second of video, at least min_frames and at most
+    max_frames (never more than the video has), spread evenly from the first frame to the last.
+    """
+    n = int(total_frames / video_fps * fps)
+    n = min(max(n, min_frames), max_frames, total_frames)
+    return np.linspace(0, total_frames - 1, n).round().astype(int)    # numpy rounds halves to even, like the reference
+
+
+def frame_group_timestamps(indices, video_fps, temporal_patch_size=2):
+    """
+    The time of each group of `temporal_patch_size` sampled frames (the tokens of one group share a timestamp):
+    the mean of the times of its first and last frame; the last group is padded with the last frame.
+    (transformers 4.57 groups by merge_size here, a bug that is harmless when both are 2; fixed in v5.)
+    """
+    indices = list(indices)
+    indices += [indices[-1]] * (-len(indices) % temporal_patch_size)
+    seconds = [i / video_fps for i in indices]
+    k = temporal_patch_size
+    return [(seconds[j] + seconds[j + k - 1]) / 2 for j in range(0, len(seconds), k)]
+
+
+def read_video(path, fps=2.0, min_frames=4, max_frames=768):
+    """
+    Decode a video file with PyAV -> (frames [n, H, W, 3] uint8 at the sampled indices, indices, video fps).
+    The frame count comes from the container; if it is missing or too large, the frames are counted by decoding.
+    """
+    path = os.fspath(path)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            video_fps = float(stream.average_rate or 0)
+            total = stream.frames
+            if total <= 0:
+                total = sum(1 for _ in container.decode(video=0))
+        if video_fps <= 0:
+            raise ValueError(f"{path} does not say its frame rate; decode it yourself and pass the frames with 'fps'")
+        if total <= 0:
+            raise ValueError(f"{path} has no video frames")
+        for _ in range(2):                     # a second pass only if the container over-counted its frames
+            indices = sample_frame_indices(total, video_fps, fps, min_frames, max_frames)
+            wanted, frames, seen = set(indices.tolist()), {}, 0
+            with av.open(path) as container:
+                for i, frame in enumerate(container.decode(video=0)):
+                    if i in wanted:
+                        frames[i] = frame.to_ndarray(format="rgb24")      # [H, W, 3] uint8
+                    seen = i + 1
+                    if i >= indices[-1]:
+                        break
+            if len(frames) == len(wanted):
+                return np.stack([frames[i] for i in indices]), indices, video_fps
+            if seen == 0:
+                raise ValueError(f"{path} has no decodable video frames")
+            total = seen
+    except av.FFmpegError as e:
+        raise ValueError(f"{path} cannot be read as a video ({e})") from e
+    raise ValueError(f"{path}: the decoded frames do not match the frame count")
+
+
+def frames_to_array(frames):
+    """A video given as [T, H, W, 3] uint8 array or a list of images (paths, PIL, arrays) -> [T, H, W, 3] uint8."""
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"a video array must be [T, H, W, 3] uint8, got {frames.dtype} {frames.shape}")
+        return frames
+    images = [np.asarray(load_image(f)) for f in frames]
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"all frames of a video must have one size, got {sorted({im.shape for im in images})}")
+    return np.stack(images)
+
+
+# ---------------------------------------------------------------------------------------------------------- processor
+class Processor:
+    """Chats with images and videos -> model inputs. Settings default to the released Qwen3-VL processor configs."""
+
+    def __init__(self, tok, patch_size=16, temporal_patch_size=2, merge_size=2,
+                 min_pixels=65536, max_pixels=16777216,                    # images: 256x256 .. 4096x4096
+                 video_min_pixels=4096, video_max_pixels=25165824,         # videos: frames x H x W, whole clip
+                 video_fps=2.0, video_min_frames=4, video_max_frames=768,
+                 image_mean=0.5, image_std=0.5):
+        if min_pixels < 1 or max_pixels < min_pixels:
+            raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+        self.tok = tok
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.factor = patch_size * merge_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
+        self.video_fps, self.video_min_frames, self.video_max_frames = video_fps, video_min_frames, video_max_frames
+        self.image_mean, self.image_std = image_mean, image_std
+
+    def normalize(self, frames):
+        """uint8 [T, H, W, 3] -> float32 [T, 3, H, W], (x/255 - mean) / std."""
+        x = torch.tensor(frames).permute(0, 3, 1, 2).float() / 255                # copy: PIL arrays are read-only
+        return (x - self.image_mean) / self.image_std
+
+    def process_image(self, image):
+        """One image -> pixel rows [t*h*w, 3*2*16*16] float32, grid (1, h, w)."""
+        image = load_image(image)
+        width, height = image.size
+        if min(width, height) < self.patch_size:
+            raise ValueError(f"a {width}x{height} image is smaller than one {self.patch_size} px patch; "
+                             "upscale it first if this is intended")
+        h_bar, w_bar = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        image = image.resize((w_bar, h_bar), Image.Resampling.BICUBIC)
+        x = self.normalize(np.asarray(image)[None])                       # [1, 3, H, W]
+        x = x.repeat(self.temporal_patch_size, 1, 1, 1)                   # one frame, repeated to 2 time steps
+        return patchify(x, self.patch_size, self.temporal_patch_size, self.merge_size)
+
+    def load_video(self, video, fps=None):
+        """A path, [T, H, W, 3] array or list of frames -> (sampled frames [n, H, W, 3] uint8, indices, video fps)."""
+        if isinstance(video, (str, os.PathLike)):
+            if fps is not None:
+                raise ValueError("'fps' is the frame rate of frames given as an array; a file's own rate is used "
+                                 "(set the sampling rate with Processor(video_fps=...))")
+            return read_video(video, self.video_fps, self.video_min_frames, self.video_max_frames)
+        if fps is None:
+            raise ValueError("a video given as frames needs its frame rate: {'type': 'video', 'video': frames, "
+                             "'fps': ...} (it sets which frames are kept and the timestamps)")
+        frames = frames_to_array(video)
+        if len(frames) == 0:
+            raise ValueError("the video has no frames")
+        indices = sample_frame_indices(len(frames), fps, self.video_fps, self.video_min_frames, self.video_max_frames)
+        return frames[indices], indices, float(fps)
+
+    def process_video(self, video, fps=None):
+        """One video -> pixel rows [t*h*w, 3*2*16*16] float32, grid (t, h, w), timestamps (seconds, one per t)."""
+        frames, indices, video_fps = self.load_video(video, fps)
+        n, height, width, _ = frames.shape
+        h_bar, w_bar = smart_resize_video(n, height, width, self.temporal_patch_size, self.factor,
+                                          self.video_min_pixels, self.video_max_pixels)
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((w_bar, h_bar), Image.Resampling.BICUBIC))
+                           for f in frames])                              # [n, h_bar, w_bar, 3]
+        x = self.normalize(frames)                                         # [n, 3, h_bar, w_bar]
+        pad = -n % self.temporal_patch_size
+        x = torch.cat([x, x[-1:].repeat(pad, 1, 1, 1)])                    # repeat the last frame to an even count
+        rows, grid = patchify(x, self.patch_size, self.temporal_patch_size, self.merge_size)
+        return rows, grid, frame_group_timestamps(indices, video_fps, self.temporal_patch_size)
+
+    def __call__(self, conversations, add_generation_prompt=False, add_vision_id=False, tools=None,
+                 return_text=False):
+        """
+        conversations: a batch of chats (a list of message lists; one chat alone is accepted too), messages as in
+        Tokenizer.apply_chat_template with images / videos inline. Returns the model's keyword arguments:
+          input_ids [B, S] long, left-padded with <|endoftext|>; attention_mask [B, S] (0 on padding);
+          pixel_values [N, 1536] float32 and image_grid_thw [n_images, 3] long (None without images);
+          pixel_values_videos, video_grid_thw (None without videos), in the order they appear in the batch;
+          labels [B, S]: the token ids on assistant tokens (Tokenizer.apply_chat_template's mask), -100 elsewhere,
+          not shifted (the loss compares logits at s with labels at s+1).
+        return_text=True adds "text": each row as rendered text (with the video timestamps), for debugging.
+        """
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        tok, m2 = self.tok, self.merge_size ** 2
+        images, image_grids, videos, video_grids = [], [], [], []
+
+        def expand(item, kind):                  # one image / video -> its pixel rows and its tokens
+            if kind == "image":
+                rows, grid = self.process_image(item.get("image", item.get("image_url")))
+                images.append(rows)
+                image_grids.append(grid)
+                return [tok.vision_start_id] + [tok.image_token_id] * (math.prod(grid) // m2) + [tok.vision_end_id]
+            rows, grid, seconds = self.process_video(item["video"], item.get("fps"))
+            videos.append(rows)
+            video_grids.append(grid)
+            pieces = []
+            for t in range(grid[0]):
+                pieces += [f"<{seconds[t]:.1f} seconds>", tok.vision_start_id]
+                pieces += [tok.video_token_id] * (grid[1] * grid[2] // m2) + [tok.vision_end_id]
+            return pieces
+
+        rows = []
+        for messages in conversations:
+            ids, mask = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                return_assistant_mask=True, add_vision_id=add_vision_id,
+                                                tools=tools, vision=expand)
+            rows.append((ids, mask))
+        S = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), S), tok.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), S, dtype=torch.long)
+        labels = torch.full((len(rows), S), -100, dtype=torch.long)
+        for b, (ids, mask) in enumerate(rows):                              # left padding: text ends at column S-1
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            input_ids[b, S - len(ids):] = ids_t
+            attention_mask[b, S - len(ids):] = 1
+            labels[b, S - len(ids):] = torch.where(torch.tensor(mask), ids_t, -100)
+
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+                     pixel_values=torch.cat(images) if images else None,
+                     image_grid_thw=torch.tensor(image_grids, dtype=torch.long) if images else None,
+                     pixel_values_videos=torch.cat(videos) if videos else None,
+                     video_grid_thw=torch.tensor(video_grids, dtype=torch.long) if videos else None,
+                     labels=labels)
+        for name, token, grids in [("image", tok.image_token_id, image_grids),
+                                   ("video", tok.video_token_id, video_grids)]:
+            n_tokens, expected = int((input_ids == token).sum()), sum(math.prod(g) // m2 for g in grids)
+            if n_tokens != expected:
+                raise ValueError(f"{n_tokens} {name} tokens in the text but {expected} {name} features")
+        if return_text:
+            batch["text"] = [tok.decode(ids) for ids, _ in rows]
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------- grounding
+def coords_to_pixels(coords, width, height):
+    """
+    Qwen3-VL's relative 0..1000 coordinates (x over the width, y over the height; reference §5.4) -> pixels of
+    the original image. coords: [x1, y1, x2, y2] (box) or [x, y] (point); x at even positions, y at odd ones.
+    """
+    return [c / 1000 * (width if i % 2 == 0 else height) for i, c in enumerate(coords)]
+
+
+def coords_to_1000(coords, width, height):
+    """Pixels -> the 0..1000 frame, as the training data was made: round(x / width * 1000), clamped to [0, 1000]."""
+    return [min(1000, max(0, round(c / (width if i % 2 == 0 else height) * 1000))) for i, c in enumerate(coords)]
+
+
+def parse_grounding(text):
+    """
+    The model's grounding answer -> [{"bbox_2d": [x1, y1, x2, y2] | "point_2d": [x, y], "label": ..., ...}].
+    Accepts a JSON list or a single object, inside ```json fences or not, with text before or after it; if the
+    list is broken (e.g. generation stopped mid-list), the complete {...} objects in it are still read. Entries
+    without a well-formed bbox_2d / point_2d are skipped. Coordinates stay in the 0..1000 frame.
+    """
+    text = re.sub(r"```(?:json)?", "", text)
+    items, start = None, re.search(r"[\[{]", text)
+    if start and start.group() == "[":                                  # a list first
+        try:
+            items, _ = json.JSONDecoder().raw_decode(text, start.start())  # ignores whatever follows the list
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(items, list):                                     # one object, or a broken list:
+        items = []                                                      # read each complete flat {...}
+        for obj in re.findall(r"\{[^{}]*\}", text):
+            try:
+                items.append(json.loads(obj))
+            except json.JSONDecodeError:
+                pass
+
+    def well_formed(item, key, n):
+        value = item.get(key)
+        return isinstance(value, list) and len(value) == n and all(isinstance(v, (int, float)) for v in value)
+
+    return [item for item in items if isinstance(item, dict)
+            and (well_formed(item, "bbox_2d", 4) or well_formed(item, "point_2d", 2))]
+
+
+def draw_grounding(image, items, path=None):
+    """
+    Draw parsed boxes and points (0..1000 frame) on a copy of `image` (path / PIL / array) in its own pixels.
+    Returns the drawn PIL image; also saves it to `path` if given.
+    """
+    image = load_image(image).copy()
+    width, height = image.size
+    draw = ImageDraw.Draw(image)
+    line = max(2, min(width, height) // 200)
+    colours = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
+    for k, item in enumerate(items):
+        colour = colours[k % len(colours)]
+        if "bbox_2d" in item:
+            x1, y1, x2, y2 = coords_to_pixels(item["bbox_2d"], width, height)
+            draw.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=colour, width=line)
+        else:
+            x1, y1 = coords_to_pixels(item["point_2d"], width, height)
+            r = 2 * line
+            draw.ellipse([x1 - r, y1 - r, x1 + r, y1 + r], fill=colour, outline="black")
+        if item.get("label") is not None:
+            draw.text((x1 + line, y1 + line), str(item["label"]), fill=colour)
+    if path is not None:
+        image.save(path)
+    return image

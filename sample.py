@@ -1,0 +1,287 @@
+"""
+Generation with Qwen3-VL: prefill the prompt (text, images, videos) into a preallocated KV cache, then decode one
+token per row per step. `generate` serves the command line below, evaluation, and the rollouts of RL (SAPO) and
+on-policy distillation.
+
+Notable features
+- Prefill (reference §3.6): the only call that sees pixels, so visual features and DeepStack enter here; it computes
+  the 3-D positions of the prompt and its rope_deltas. Decode steps continue every axis from that offset
+  (position = past + k + rope_delta), with no pixels.
+- Batches are left-padded; each row stops at its first EOS (<|im_end|>, <|endoftext|> by default) and emits pad
+  after it, while the other rows go on. The loop ends when every row has stopped.
+- The next token of each row, in this order (vLLM's; the first as transformers' RepetitionPenaltyLogitsProcessor):
+    1. repetition penalty r: every id that occurs in the row's prompt (its real tokens) or output so far gets
+       logit l / r if l >= 0, else l * r (r > 1 discourages; 1 is off);
+    2. presence penalty p (OpenAI / vLLM): every id that occurs in the row's output so far gets l - p (0 is off);
+    3. temperature 0: argmax (greedy). Otherwise l / temperature, keep the top_k largest (0: all), keep the
+       smallest set of most likely tokens whose probability reaches top_p (a token is dropped when the tokens
+       ranked above it already hold top_p), and sample from the softmax with a seeded torch.Generator.
+  The defaults sample from the model's own distribution (temperature 1, nothing truncated or penalised), which is
+  what RL wants; `INSTRUCT` holds Qwen3-VL's recommended settings for chat (the command line's defaults).
+- Log-probs (return_logprobs=True): log softmax of the model's raw logits at each sampled token, i.e. under the
+  unmodified distribution at temperature 1 -- exactly what a fresh forward pass over prompt + output gives, and so
+  what an RL trainer recomputes for the policy. It is the probability the token was sampled with only when sampling
+  with the defaults; with temperature, top-k/top-p or penalties the sampler's distribution differs from the model's.
+- Static decode (cuda_graph=True, GPU): a decode step has the same shapes every time (one token per row; attention
+  over the whole cache with a mask; the write position is a tensor: model.KVCache), so it is compiled once
+  (torch.compile fuses the norms, RoPE and SwiGLU into a few kernels) and captured in a CUDA graph; each token then
+  costs one graph launch. The eager path runs the very same step and stays the readable one.
+
+Command line (streams the answer; --ground draws the boxes/points of a grounding answer onto the first image):
+    python sample.py --init_from path/to/Qwen3-VL-2B-Instruct --image a.png --prompt "Describe this image."
+    python sample.py --init_from out/ckpt --video v.mp4 --prompt "What happens?" --temperature 0
+    python sample.py --init_from ... --image a.png --prompt 'Locate every cup, output bbox_2d in JSON.' --ground
+"""
+import argparse
+import functools
+import os
+import sys
+import time
+
+import torch
+
+from model import KVCache, Qwen3VL
+
+EOS_IDS = (151645, 151643)        # <|im_end|>, <|endoftext|> (Qwen3-VL's generation_config.json)
+PAD_ID = 151643                   # <|endoftext|>: what the processor pads with and finished rows emit
+INSTRUCT = dict(temperature=0.7, top_k=20, top_p=0.8, presence_penalty=1.5, repetition_penalty=1.0)
+CACHE_BLOCK = 256                 # with cuda_graph, cache lengths are rounded up to this: fewer shapes to compile
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One decode step: the same function runs eagerly, or compiled and captured in a CUDA graph
+
+
+def decode_step(model, cache, tokens, attention_mask):
+    """tokens [B, 1] at slot cache.pos -> next-token logits [B, V] float32; writes their keys, advances cache.pos."""
+    logits, _ = model(tokens, attention_mask=attention_mask, kv_cache=cache)          # [B, 1, V]
+    return logits[:, -1].float()
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step compiled (once per cache shape, at its first call); made on first use: importing the compiler is slow."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+
+class CUDAGraphStep:
+    """
+    decode_step for one cache, compiled and captured in a CUDA graph. The graph reads its tokens from a fixed
+    buffer and the cache's own tensors (their addresses are baked in), so a call copies the tokens in and replays.
+    """
+
+    def __init__(self, model, cache, attention_mask):
+        self.tokens = torch.zeros(cache.k[0].shape[0], 1, dtype=torch.long, device=cache.pos.device)  # [B, 1]
+        pos = cache.pos.clone()
+        side = torch.cuda.Stream()                  # compile and warm up off the default stream, as capture needs
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                compiled_decode_step()(model, cache, self.tokens, attention_mask)
+                cache.pos.copy_(pos)                # the slot written is rewritten by the first real step
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):          # records the kernels, runs nothing
+            self.logits = compiled_decode_step()(model, cache, self.tokens, attention_mask)             # [B, V]
+
+    def __call__(self, tokens):
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing the next token
+
+
+def apply_penalties(logits, in_prompt, in_output, repetition_penalty=1.0, presence_penalty=0.0):
+    """logits [B, V] float32; in_prompt, in_output [B, V] bool: the ids in each row's prompt / output so far."""
+    seen = in_prompt | in_output
+    logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty),
+                         logits)
+    return logits - presence_penalty * in_output
+
+
+def warp(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """logits [B, V] float32 -> those of the sampling distribution: / temperature, -inf outside top-k and top-p."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]                    # [B, 1]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1:
+        ranked, order = logits.sort(-1, descending=True)                                  # [B, V] each
+        probs = ranked.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p          # the tokens ranked above already hold top_p
+        logits = logits.scatter(1, order, ranked.masked_fill(drop, -torch.inf))
+    return logits
+
+
+def choose(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """The next token of each row [B] from logits [B, V] float32: argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = warp(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=64, temperature=1.0, top_k=0,
+             top_p=1.0, repetition_penalty=1.0, presence_penalty=0.0, eos_ids=EOS_IDS, pad_id=PAD_ID,
+             generator=None, return_logprobs=False, cuda_graph=False, on_token=None):
+    """
+    input_ids [B, S] left-padded, attention_mask [B, S] (None: no padding), pixels and grids as for Qwen3VL.forward.
+    Sampling as in the module docstring; generator: a torch.Generator on the model's device (None: the global one).
+    eos_ids: ids that end a row (kept in its output; pad_id follows). on_token: called with each step's tokens [B].
+    cuda_graph: decode with a compiled step captured in a CUDA graph (CUDA only).
+    Returns tokens [B, max_new_tokens] long; with return_logprobs, (tokens, logprobs [B, max_new_tokens] float32),
+    the log-probs of the raw model distribution, 0 after a row's EOS.
+    """
+    B, S = input_ids.shape
+    device = input_ids.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
+    context = model.cfg.text.max_position_embeddings
+    if S + max_new_tokens > context:
+        raise ValueError(f"the prompt ({S} tokens) plus max_new_tokens ({max_new_tokens}) is longer than the "
+                         f"context ({context} = max_position_embeddings)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    T = S + max_new_tokens
+    if cuda_graph:                          # a few cache lengths, so that rollouts of any length reuse compiled steps
+        T = min(-(-T // CACHE_BLOCK) * CACHE_BLOCK, context)
+    cache = KVCache(model.cfg.text, B, T, device=device, dtype=model.lm_head.weight.dtype)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, T - S)], dim=1)   # [B, T]: generated tokens are real
+
+    logits, _ = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                      video_grid_thw=video_grid_thw, kv_cache=cache)                 # prefill: [B, S, V]
+    logits = logits[:, -1].float()                                                   # [B, V]
+    if max_new_tokens > 1:
+        step = CUDAGraphStep(model, cache, mask) if cuda_graph else functools.partial(decode_step, model, cache,
+                                                                             attention_mask=mask)
+    penalize = repetition_penalty != 1.0 or presence_penalty != 0.0
+    if penalize:
+        in_prompt = torch.zeros_like(logits).scatter_add_(1, input_ids, attention_mask.float()) > 0   # [B, V]
+        in_output = torch.zeros_like(in_prompt)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    for t in range(max_new_tokens):
+        if t > 0:
+            logits = step(choice[:, None])              # [B, V]; finished rows compute on, unread
+        scores = apply_penalties(logits, in_prompt, in_output, repetition_penalty, presence_penalty) \
+            if penalize else logits
+        choice = choose(scores, temperature, top_k, top_p, generator)                      # [B]
+        token = choice.masked_fill(done, pad_id)                                          # [B]
+        out[:, t] = token
+        if return_logprobs:
+            logprobs[:, t] = logits.log_softmax(-1).gather(1, choice[:, None])[:, 0].masked_fill(done, 0)
+        if penalize:
+            in_output.scatter_(1, choice[:, None], True)
+        done |= torch.isin(token, eos)
+        if on_token is not None:
+            on_token(token)
+        if done.all():                                                               # the one sync of a step
+            break
+    return (out, logprobs) if return_logprobs else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def load(path, device="cpu", dtype=None):
+    """(model, tokenizer, processor) from a Hugging Face Qwen3-VL directory or one of our checkpoint directories."""
+    from processor import Processor
+    from tokenizer import Tokenizer
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--init_from {path!r}: no such checkpoint directory (expected config.json, "
+                                "safetensors and the tokenizer files)")
+    model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
+    tok = Tokenizer.from_pretrained(path)
+    return model, tok, Processor(tok)
+
+
+class TextStream:
+    """Prints a row's text as its tokens arrive; holds back a cut UTF-8 character (U+FFFD) until it completes."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.printed = tok, [], 0
+
+    def __call__(self, token):
+        self.ids.append(int(token[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[self.printed:], end="", flush=True)
+            self.printed = len(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a Qwen3-VL checkpoint about images and videos.")
+    # model
+    p.add_argument("--init_from", required=True, help="Hugging Face Qwen3-VL directory or one of our checkpoints")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="decode with a compiled step in a CUDA graph (GPU)")
+    # prompt
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="a video file (repeatable)")
+    p.add_argument("--system", default=None, help="an optional system message")
+    # sampling (defaults: Qwen3-VL Instruct's recommended settings; --temperature 0 is greedy)
+    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=INSTRUCT["temperature"])
+    p.add_argument("--top_k", type=int, default=INSTRUCT["top_k"])
+    p.add_argument("--top_p", type=float, default=INSTRUCT["top_p"])
+    p.add_argument("--presence_penalty", type=float, default=INSTRUCT["presence_penalty"])
+    p.add_argument("--repetition_penalty", type=float, default=INSTRUCT["repetition_penalty"])
+    p.add_argument("--seed", type=int, default=1337)
+    # output
+    p.add_argument("--ground", nargs="?", const="", default=None, metavar="PNG",
+                   help="draw the answer's bbox_2d / point_2d onto the first image; save as PNG "
+                        "(default: <image>_ground.png)")
+    args = p.parse_args(argv)
+    if args.ground is not None and not args.image:
+        p.error("--ground draws onto an image: give --image")
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tok, processor = load(args.init_from, device, dtype)
+    content = [{"type": "image", "image": f} for f in args.image] + [{"type": "video", "video": f} for f in args.video]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
+    batch = processor([messages], add_generation_prompt=True)
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and v is not None}
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in inputs:
+            inputs[k] = inputs[k].to(dtype)
+
+    stream = TextStream(tok)
+    t0 = time.perf_counter()
+    tokens = generate(model, **inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, presence_penalty=args.presence_penalty,
+                      repetition_penalty=args.repetition_penalty, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                      generator=torch.Generator(device).manual_seed(args.seed), cuda_graph=args.compile,
+                      on_token=stream)
+    dt = time.perf_counter() - t0
+    print(f"\n[{inputs['input_ids'].shape[1]} prompt tokens, {len(stream.ids)} new tokens in {dt:.1f} s]",
+          file=sys.stderr)
+
+    if args.ground is not None:
+        from processor import draw_grounding, parse_grounding
+        items = parse_grounding(tok.decode(stream.ids, skip_special_tokens=True))
+        path = args.ground or os.path.splitext(args.image[0])[0] + "_ground.png"
+        draw_grounding(args.image[0], items, path)
+        print(f"[{len(items)} boxes/points drawn onto {args.image[0]} -> {path}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
