@@ -451,8 +451,9 @@ class Qwen3VL(nn.Module):
         (moe.load_balancing_loss, padding masked by attention_mask [B, S]). Off by default, as in the reference, which
         adds it only when called with output_router_logits=True.
         Returns logits [B, S, V] and the mean next-token cross-entropy (None without labels).
-        After the call, `self.router_logits` holds the router logits [B*S, E] of every sparse layer, detached (an
-        empty tuple for a dense model): moe.tokens_per_expert(model.router_logits, k, attention_mask) gives the load.
+        After the call, `self.router_logits` holds the router logits [B*S, E] of every sparse layer (an empty tuple
+        for a dense model), still in the autograd graph: a loss computed outside can add
+        moe.load_balancing_loss(model.router_logits, k, mask), and moe.tokens_per_expert(...) gives the load per layer.
         """
         B, S = input_ids.shape
         cfg = self.cfg.text
@@ -504,7 +505,7 @@ class Qwen3VL(nn.Module):
             kv_cache.pos.add_(S)                              # in place: a captured CUDA graph replays the advance
         logits = self.lm_head(self.language_model.norm(x))                                 # [B, S, V]
 
-        self.router_logits = tuple(r.detach() for r in router_logits)   # routing statistics of this forward
+        self.router_logits = tuple(router_logits)             # routing of this forward (statistics, aux loss)
 
         loss = None
         if labels is not None:

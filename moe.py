@@ -146,6 +146,7 @@ def has_grouped_mm_kernel(x, w):
 # (a list of [B*S, E], as Qwen3VL keeps in `model.router_logits` after a forward)
 
 
+@torch.no_grad()
 def tokens_per_expert(router_logits, top_k, attention_mask=None):
     """
     [L, E] float: how many tokens each expert received in each of the L MoE layers (each token counts once per

@@ -13,9 +13,9 @@ Notable features
     1. repetition penalty r: every id that occurs in the row's prompt (its real tokens) or output so far gets
        logit l / r if l >= 0, else l * r (r > 1 discourages; 1 is off);
     2. presence penalty p (OpenAI / vLLM): every id that occurs in the row's output so far gets l - p (0 is off);
-    3. temperature 0: argmax (greedy). Otherwise l / temperature, keep the top_k largest (0: all), keep the
-       smallest set of most likely tokens whose probability reaches top_p (a token is dropped when the tokens
-       ranked above it already hold top_p), and sample from the softmax with a seeded torch.Generator.
+    3. temperature 0: argmax (greedy). Otherwise l / temperature, keep the top_k largest (exactly k; 0: all),
+       keep the smallest set of most likely tokens whose probability reaches top_p (a token is dropped when the
+       tokens ranked above it already hold top_p), and sample from the softmax with a seeded torch.Generator.
   The defaults sample from the model's own distribution (temperature 1, nothing truncated or penalised), which is
   what RL wants; `INSTRUCT` holds Qwen3-VL's recommended settings for chat (the command line's defaults).
 - Log-probs (return_logprobs=True): log softmax of the model's raw logits at each sampled token, i.e. under the
@@ -60,7 +60,8 @@ def decode_step(model, cache, tokens, attention_mask):
 
 @functools.cache
 def compiled_decode_step():
-    """decode_step compiled (once per cache shape, at its first call); made on first use: importing the compiler is slow."""
+    """decode_step compiled, once per shape (batch, cache length) at its first call. Made on first use: importing
+    the compiler takes seconds. Past torch._dynamo.config.recompile_limit (8) shapes, new ones run uncompiled."""
     return torch.compile(decode_step, fullgraph=True, dynamic=False)
 
 
@@ -105,15 +106,13 @@ def apply_penalties(logits, in_prompt, in_output, repetition_penalty=1.0, presen
 def warp(logits, temperature=1.0, top_k=0, top_p=1.0):
     """logits [B, V] float32 -> those of the sampling distribution: / temperature, -inf outside top-k and top-p."""
     logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]                    # [B, 1]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_k == 0 and top_p == 1:
+        return logits
+    ranked, order = logits.topk(min(top_k or logits.shape[-1], logits.shape[-1]))    # [B, k], largest first
     if top_p < 1:
-        ranked, order = logits.sort(-1, descending=True)                                  # [B, V] each
         probs = ranked.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p          # the tokens ranked above already hold top_p
-        logits = logits.scatter(1, order, ranked.masked_fill(drop, -torch.inf))
-    return logits
+        ranked = ranked.masked_fill(probs.cumsum(-1) - probs >= top_p, -torch.inf)   # the ones above hold top_p
+    return torch.full_like(logits, -torch.inf).scatter(1, order, ranked)
 
 
 def choose(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -161,9 +160,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                       video_grid_thw=video_grid_thw, kv_cache=cache)                 # prefill: [B, S, V]
     logits = logits[:, -1].float()                                                   # [B, V]
-    if max_new_tokens > 1:
-        step = CUDAGraphStep(model, cache, mask) if cuda_graph else functools.partial(decode_step, model, cache,
-                                                                             attention_mask=mask)
+    step = functools.partial(decode_step, model, cache, attention_mask=mask)
+    if cuda_graph and max_new_tokens > 1:
+        step = CUDAGraphStep(model, cache, mask)
     penalize = repetition_penalty != 1.0 or presence_penalty != 0.0
     if penalize:
         in_prompt = torch.zeros_like(logits).scatter_add_(1, input_ids, attention_mask.float()) > 0   # [B, V]
@@ -266,11 +265,10 @@ def main(argv=None):
 
     stream = TextStream(tok)
     t0 = time.perf_counter()
-    tokens = generate(model, **inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, presence_penalty=args.presence_penalty,
-                      repetition_penalty=args.repetition_penalty, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                      generator=torch.Generator(device).manual_seed(args.seed), cuda_graph=args.compile,
-                      on_token=stream)
+    generate(model, **inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
+             eos_ids=tok.eos_ids, pad_id=tok.pad_id, generator=torch.Generator(device).manual_seed(args.seed),
+             cuda_graph=args.compile, on_token=stream)
     dt = time.perf_counter() - t0
     print(f"\n[{inputs['input_ids'].shape[1]} prompt tokens, {len(stream.ids)} new tokens in {dt:.1f} s]",
           file=sys.stderr)

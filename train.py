@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from model import PRESETS, Qwen3VL, Qwen3VLConfig, read_hf_config
+from moe import load_balancing_loss
 from processor import Processor
 from tokenizer import Tokenizer
 
@@ -169,11 +170,13 @@ class Packer:
 
 
 def collate(rows, seq_len, pad_id):
-    """Packed rows -> model kwargs: input_ids, labels, document_ids, position_ids [3, B, S], pixels and grids."""
+    """Packed rows -> model kwargs (input_ids, document_ids, position_ids [3, B, S], pixels and grids), labels and
+    `real` (1 on the samples' tokens, 0 on padding; the MoE load-balancing loss counts only these)."""
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), -100, dtype=torch.long)
     document_ids = torch.zeros(B, seq_len, dtype=torch.long)
+    real = torch.zeros(B, seq_len, dtype=torch.long)                           # 1 on samples' tokens, 0 on padding
     position_ids = torch.zeros(3, B, seq_len, dtype=torch.long)
     pv, ig, pvv, vg = [], [], [], []
     for b, row in enumerate(rows):
@@ -182,13 +185,14 @@ def collate(rows, seq_len, pad_id):
             L = len(s["ids"])
             input_ids[b, n:n + L], labels[b, n:n + L] = s["ids"], s["labels"]
             document_ids[b, n:n + L], position_ids[:, b, n:n + L] = d, s["pos"]
+            real[b, n:n + L] = 1
             for lst, key in ((pv, "pv"), (ig, "ig"), (pvv, "pvv"), (vg, "vg")):
                 if s[key] is not None:
                     lst.append(s[key])
             n += L
         document_ids[b, n:] = torch.arange(len(row), len(row) + seq_len - n)    # each padding token on its own
     cat = lambda xs: torch.cat(xs) if xs else None
-    return dict(input_ids=input_ids, labels=labels, document_ids=document_ids, position_ids=position_ids,
+    return dict(input_ids=input_ids, labels=labels, real=real, document_ids=document_ids, position_ids=position_ids,
                 pixel_values=cat(pv), image_grid_thw=cat(ig), pixel_values_videos=cat(pvv), video_grid_thw=cat(vg))
 
 
@@ -248,11 +252,17 @@ def set_trainable(model, part):
 
 
 def make_optimizer(model, args, device):
-    """AdamW; matrices and embeddings decay, norms and biases do not."""
+    """
+    AdamW; matrices and embeddings decay, norms and biases do not. Its state is created at once for every
+    parameter (torch.distributed.checkpoint does it with one zero-gradient, zero-lr step, so step counters start
+    at 1), also for the parts a stage freezes: every checkpoint then has the same layout and resumes exactly.
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8, foreach=True)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8, foreach=True)
+    get_state_dict(model, optimizer)
+    return optimizer
 
 
 def lr_at(step_in_stage, stage_steps, args):
@@ -623,11 +633,14 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=device)
         for b in micro:
             b = {k: v.to(device) for k, v in b.items() if v is not None}
-            labels = b.pop("labels")
+            labels, real = b.pop("labels"), b.pop("real")
             with autocast:
                 logits, _ = train_model(**b, run_vision=distributed)
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                    ignore_index=-100, reduction="sum") / n_target
+            if cfg.text.num_experts:           # MoE: + coef x Switch load-balancing loss of this micro-step
+                loss = loss + cfg.text.router_aux_loss_coef / args.grad_accum * load_balancing_loss(
+                    model.router_logits, cfg.text.num_experts_per_tok, real)
             (loss * world_size).backward()     # FSDP averages gradients over ranks: undo it, the loss is global
             loss_sum += loss.detach()
         if distributed:

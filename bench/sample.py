@@ -120,6 +120,35 @@ def matmul_floor(model, B, reps=20):
     return start.elapsed_time(end) / reps
 
 
+def attention_microbench(model, B, T, reps=20):
+    """us per call of one layer's decode attention (1 query per row, T cached keys, bool mask) per SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    c = model.cfg.text
+    q = torch.randn(B, c.num_attention_heads, 1, c.head_dim, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(B, c.num_key_value_heads, T, c.head_dim, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+    mask = torch.arange(T, device="cuda")[None, None, None] < T // 2                       # [1, 1, 1, T]
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel(backend):
+                def layers():
+                    for _ in range(c.num_hidden_layers):
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                layers()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    layers()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            us = 1e3 * start.elapsed_time(end) / reps / c.num_hidden_layers
+            print(f"decode attention B={B} T={T} {backend.name}: {us:.1f} us per layer", flush=True)
+        except Exception as e:
+            print(f"decode attention {backend.name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
 def profile_decode(model, ids, steps=10):
     """The GPU kernels of `steps` graph-replayed decode steps (ours-graph), by total time."""
     from torch.profiler import ProfilerActivity, profile
@@ -191,6 +220,7 @@ def main():
                     print(f"the weight products alone, in one CUDA graph: {floor:.2f} ms = "
                           f"{weight_bytes / floor / 1e9:.2f} TB/s", flush=True)
                     profile_decode(model, ids)
+                    attention_microbench(model, B, -(-(args.prompt_len + args.new) // CACHE_BLOCK) * CACHE_BLOCK)
                 except Exception as e:
                     print(f"profile failed: {type(e).__name__}: {e}", flush=True)
 

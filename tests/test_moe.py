@@ -180,6 +180,11 @@ def test_aux_loss_gradient_reaches_the_router(moe_pair, batch):
     assert ours.language_model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     assert ours.language_model.layers[2].mlp.experts.down_proj.grad.abs().sum() > 0
     ours.zero_grad()
+    # a loss computed outside the forward (as train.py does) reaches the routers through model.router_logits
+    ours(**{k: v for k, v in batch.items() if k != "labels"})
+    moe.load_balancing_loss(ours.router_logits, K, batch["attention_mask"]).backward()
+    assert ours.language_model.layers[2].mlp.gate.weight.grad.abs().sum() > 0
+    ours.zero_grad()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""train.py: packing, labels, exact resume, crash-safe checkpoints, FSDP2 equivalence (gloo, CPU), bad settings."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from data.toyworld import ToyWorld
+from model import Qwen3VL, Qwen3VLConfig
+from processor import Processor
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--vocab_size", "400", "--batch_size", "2", "--seq_len", "128", "--eval_samples", "1", "--test_samples", "1",
+        "--max_new_tokens", "3", "--log_every", "100", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    world = ToyWorld(seed=0, image_size=64)
+    tok = Tokenizer.train(world.text_corpus(1000), 400)
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=448), image_token_id=tok.image_token_id,
+                                    video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_id,
+                                    vision_end_token_id=tok.vision_end_id)
+    model = Qwen3VL(cfg).eval()
+    model.init_weights(seed=1)
+    processor = Processor(tok, min_pixels=64 * 64 // 2, max_pixels=64 * 64 * 4)
+    return world, tok, model, train.Packer(world, processor, model)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [m["loss"] for m in map(json.loads, f) if "loss" in m]
+
+
+def test_sft_labels_are_the_assistant_reply(toy):
+    world, tok, _, packer = toy
+    for i in range(20):
+        s = world.sample("train", i)
+        enc = packer.encode(s, "assistant")
+        target = enc["ids"][enc["labels"] != -100].tolist()
+        assert tok.decode(target) == s["answer"] + "<|im_end|>"
+
+
+def test_pretrain_labels_are_every_text_token(toy):
+    world, tok, _, packer = toy
+    s = world.sample("train", 3, task="video")
+    enc = packer.encode(s, "text")
+    visual = (enc["ids"] == tok.image_token_id) | (enc["ids"] == tok.video_token_id)
+    assert visual.any()
+    assert ((enc["labels"] == -100) == visual | (torch.arange(len(visual)) == 0)).all()
+
+
+def test_packed_row_equals_samples_alone(toy):
+    """Attention stays inside each packed sample and its positions restart: the logits of every sample in a row
+    equal those of the sample run alone."""
+    world, tok, model, packer = toy
+    row = packer.row(5, "pretrain", 256)
+    assert len(row) >= 2
+    batch = train.collate([row], 256, tok.pad_id)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        packed, _ = model(**{k: v for k, v in batch.items() if v is not None})
+        n = 0
+        for s in row:
+            alone, _ = model(s["ids"][None], pixel_values=s["pv"], image_grid_thw=s["ig"],
+                             pixel_values_videos=s["pvv"], video_grid_thw=s["vg"])
+            torch.testing.assert_close(packed[0, n:n + len(s["ids"])], alone[0], rtol=0, atol=1e-5)
+            n += len(s["ids"])
+    assert (labels[0, n:] == -100).all()
+
+
+def test_rows_are_a_function_of_their_number(toy):
+    world, tok, model, packer = toy
+    a = [s["ids"] for s in packer.row(7, "sft", 128)]
+    other = train.Packer(world, packer.processor, model)
+    other.row(3, "sft", 128)
+    b = [s["ids"] for s in other.row(7, "sft", 128)]
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    """Stop (SIGKILL) a run right after its first checkpoint, resume it: bitwise the uninterrupted run's losses."""
+    args = TINY + ["--stages", "align:2,pretrain:4,sft:2", "--eval_every", "2"]
+    train.main(args + ["--out_dir", str(tmp_path / "a")])
+    b = str(tmp_path / "b")
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--out_dir", b], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(os.path.join(b, "latest")) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(os.path.join(b, "latest")) as f:
+        stopped_at = f.read()
+    assert stopped_at == "ckpt-0000002", stopped_at
+    train.main(args + ["--out_dir", b, "--resume"])
+    assert losses(b) == losses(tmp_path / "a") and len(losses(b)) == 8
+
+
+KILLED_SAVE = r"""
+import sys, time, torch
+sys.path.insert(0, ".")
+import train
+from model import Qwen3VL, Qwen3VLConfig
+from tokenizer import Tokenizer
+out = sys.argv[1]
+args = train.parse_args(["--out_dir", out])
+tok = Tokenizer.train(["a tiny corpus"] * 10, 300)
+model = Qwen3VL(Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320)))
+model.init_weights(seed=1)
+opt = train.make_optimizer(model, args, torch.device("cpu"))
+train.save_checkpoint(out, model, opt, tok, 1, args, 0)
+print("saved", flush=True)
+model.init_weights(seed=2)
+slow = tok.save
+tok.save = lambda path: (print("saving", flush=True), time.sleep(30), slow(path))   # the kill lands here
+train.save_checkpoint(out, model, opt, tok, 2, args, 0)
+"""
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    assert proc.stdout.readline().strip() == "saving"          # ckpt-0000002.tmp is half written
+    proc.kill()
+    proc.wait()
+    assert os.path.isdir(tmp_path / "ckpt-0000002.tmp")
+    path = train.latest_checkpoint(str(tmp_path))
+    assert path.endswith("ckpt-0000001")
+    model = Qwen3VL(Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320)))
+    args = train.parse_args([])
+    step = train.load_checkpoint(path, model, train.make_optimizer(model, args, torch.device("cpu")), 0)
+    expected = Qwen3VL(Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320)))
+    expected.init_weights(seed=1)
+    assert step == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+
+
+def test_fsdp_two_ranks_equal_one(tmp_path):
+    """torchrun with 2 CPU ranks (gloo, FSDP2) and 1 process with the same global batch: same losses and weights;
+    the 2-rank checkpoint resumes in 1 process. The two sum gradients in different orders (fp32 rounding, ~1e-9);
+    Adam divides each gradient by its own running scale, so a weight whose gradient is that small moves by up
+    to ~lr either way: at lr 3e-3 weights differed by 7e-6, so this test trains at lr 1e-4."""
+    args = TINY + ["--stages", "align:1,pretrain:3", "--lr", "1e-4", "--eval_every", "2", "--seed", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = str(tmp_path / "two")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *args,
+                    "--batch_size", "1", "--out_dir", two], cwd=ROOT, env=env, check=True, capture_output=True)
+    train.main(args + ["--out_dir", str(tmp_path / "one")])
+    a, b = losses(two), losses(tmp_path / "one")
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    m2, m1 = Qwen3VL.from_pretrained(os.path.join(two, "hf")), Qwen3VL.from_pretrained(str(tmp_path / "one" / "hf"))
+    for (name, p), q in zip(m2.state_dict().items(), m1.state_dict().values()):
+        assert (p - q).abs().max() <= 1e-6, name
+    # the 2-rank checkpoint, resumed in one process for 2 more steps
+    train.main(args + ["--stages", "align:1,pretrain:5", "--out_dir", two, "--resume"])
+    assert len(losses(two)) == 6 and losses(two)[:4] == a
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1e-3}))
+    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['learning_rate'\]"):
+        train.parse_args(["--config", str(cfg)])
+    cfg.write_text(json.dumps({"lr": 1e-3, "batch_size": 3}))
+    assert train.parse_args(["--config", str(cfg), "--batch_size", "5"]).batch_size == 5   # flags win
+    with pytest.raises(SystemExit, match="bad stage 'warmup:10'"):
+        train.parse_args(["--stages", "warmup:10"])
+
+
+def test_bad_init_from(tmp_path, toy):
+    with pytest.raises(SystemExit, match="no config.json"):
+        train.main(TINY + ["--init_from", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")])
+    _, tok, model, _ = toy
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.tiktoken"))
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["text_config"]["hidden_size"] = 128                     # the weights are of another width
+    cfg["vision_config"]["out_hidden_size"] = 128
+    cfg["text_config"]["num_attention_heads"] = 4
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="embed_tokens.weight' has shape"):
+        train.main(TINY + ["--init_from", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "o")])
+
+
+def test_plan_counts_and_checkpointing():
+    for name, n in (("qwen3-vl-2b", 2_127_532_032), ("qwen3-vl-8b", 8_767_123_696)):
+        cfg = Qwen3VLConfig.from_preset(name)
+        full, ac = train.plan(cfg, 4096, 1, 2, False), train.plan(cfg, 4096, 1, 2, True)
+        assert full["params"] == n and full["state"] == ac["state"]
+        assert ac["activations"] < full["activations"] / 2
+        assert train.plan(cfg, 4096, 1, 4, False)["state"] < full["state"]
+        assert 6 * n < full["flops_per_token"] < 6 * n * 1.5
