@@ -261,8 +261,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, max_len, hd]
+        gqa = self.n_kv != self.n_heads
+        if gqa and mask is not None and S > 1:  # the fused kernels that take a mask do not take grouped kv heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)   # each kv head serves n_heads/n_kv q heads
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)   # [B, nh, K, hd]
+            gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)              # [B, nh, S, hd]
+                                           enable_gqa=gqa)                                    # [B, nh, S, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -329,6 +334,10 @@ class KVCache:
 
     def update(self, layer, k, v):
         """k, v [B, n_kv, S, hd] written at slots pos .. pos+S-1; returns the layer's k, v [B, n_kv, max_len, hd]."""
+        if self.k[layer].dtype != k.dtype:     # the prefill's activations set the dtypes (autocast, FSDP bf16)
+            self.k[layer] = self.k[layer].to(k.dtype)
+        if self.v[layer].dtype != v.dtype:
+            self.v[layer] = self.v[layer].to(v.dtype)
         slots = self.pos + torch.arange(k.shape[2], device=k.device)                      # [S]
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)

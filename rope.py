@@ -144,9 +144,8 @@ def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), int
     angles = position_ids[..., None].float() * freqs                            # [3, B, S, head_dim/2]
     slot = torch.arange(head_dim // 2, device=position_ids.device)
     if interleaved:
-        axis = torch.zeros_like(slot)
-        axis[(slot % 3 == 1) & (slot < 3 * mrope_section[1])] = 1
-        axis[(slot % 3 == 2) & (slot < 3 * mrope_section[2])] = 2
+        axis = torch.where((slot % 3 == 1) & (slot < 3 * mrope_section[1]), 1, 0)
+        axis = torch.where((slot % 3 == 2) & (slot < 3 * mrope_section[2]), 2, axis)
     else:
         axis = torch.repeat_interleave(torch.arange(3, device=slot.device), torch.tensor(mrope_section, device=slot.device))
     angles = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]  # [B, S, head_dim/2]

@@ -34,6 +34,7 @@ Command line (streams the answer; --ground draws the boxes/points of a grounding
 """
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -205,7 +206,15 @@ def load(path, device="cpu", dtype=None):
                                 "safetensors and the tokenizer files)")
     model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
     tok = Tokenizer.from_pretrained(path)
-    return model, tok, Processor(tok)
+    # image pixel budgets the model was trained with: ours write min/max_pixels, Hugging Face size.shortest/longest_edge
+    budgets = {}
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            pre = json.load(f)
+        size = pre.get("size", {})
+        budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
+                       max_pixels=pre.get("max_pixels", size.get("longest_edge")))
+    return model, tok, Processor(tok, **{k: v for k, v in budgets.items() if v is not None})
 
 
 class TextStream:
@@ -214,9 +223,12 @@ class TextStream:
     def __init__(self, tok):
         self.tok, self.ids, self.printed = tok, [], 0
 
+    def text(self):      # ids past the tokenizer's vocabulary (rows the model's vocab is padded with) have no text
+        return self.tok.decode([i for i in self.ids if i < self.tok.n_vocab], skip_special_tokens=True)
+
     def __call__(self, token):
         self.ids.append(int(token[0]))
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self.text()
         if not text.endswith("\ufffd"):
             print(text[self.printed:], end="", flush=True)
             self.printed = len(text)
@@ -275,7 +287,7 @@ def main(argv=None):
 
     if args.ground is not None:
         from processor import draw_grounding, parse_grounding
-        items = parse_grounding(tok.decode(stream.ids, skip_special_tokens=True))
+        items = parse_grounding(stream.text())
         path = args.ground or os.path.splitext(args.image[0])[0] + "_ground.png"
         draw_grounding(args.image[0], items, path)
         print(f"[{len(items)} boxes/points drawn onto {args.image[0]} -> {path}]", file=sys.stderr)

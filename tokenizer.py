@@ -282,8 +282,10 @@ class Tokenizer:
         return self.enc.encode_ordinary_batch([self._nfc(t) for t in texts])
 
     def decode(self, ids, skip_special_tokens=False):
-        """ids -> text; invalid UTF-8 (a token sequence cut inside a character) becomes U+FFFD."""
-        ids = [int(i) for i in ids]
+        """ids -> text; invalid UTF-8 (a token sequence cut inside a character) becomes U+FFFD. Ids past the vocabulary
+        (a model's embedding is padded beyond it, e.g. 151936 rows for 151669 tokens) decode to nothing, as in the
+        Hugging Face tokenizer."""
+        ids = [i for i in map(int, ids) if 0 <= i < self.n_vocab]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.control_ids]
         return self.enc.decode(ids, errors="replace")

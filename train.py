@@ -16,7 +16,7 @@ Stages (`--stages name:steps,...`, run in order):
 Data: every row packs whole samples; attention never crosses samples (`document_ids`) and each sample's 3-D
 positions start at 0. Row r of the run is filled from its own range of the train split, so any rank can build
 any row: the data position is the step, and a run on N GPUs sees exactly the rows of a run on one.
-Optimisation: AdamW with decay groups, per-stage warmup + cosine, global-norm clipping, bf16 autocast (one GPU)
+Optimisation: AdamW with decay groups, warmup + one cosine over the run, global-norm clipping, bf16 autocast (one GPU)
 or FSDP2 bf16 parameters with fp32 gradient reduction (torchrun), gradient accumulation. The loss of a step is
 the mean over all its target tokens, across micro-steps and ranks, so it does not depend on how it is split.
 Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from model import PRESETS, Qwen3VL, Qwen3VLConfig, read_hf_config
+from rope import rope_index
 from moe import load_balancing_loss
 from processor import Processor
 from tokenizer import Tokenizer
@@ -64,6 +65,8 @@ def get_parser():
     p.add_argument("--preset", default="toy-cpu", help="model size (model.PRESETS); ignored with --init_from")
     p.add_argument("--init_from", default="", help="a Hugging Face Qwen3-VL directory (weights + tokenizer) to start from")
     p.add_argument("--vocab_size", type=int, default=1024, help="size of the BPE trained on the toy world (no --init_from)")
+    p.add_argument("--tokenizer", default="", help="a ranks file or HF directory (default: a new BPE for toy presets, "
+                                                   "data/qwen.tiktoken for released ones)")
     # data
     p.add_argument("--image_size", type=int, default=64, help="toy world image side in pixels")
     p.add_argument("--stages", default="align:60,pretrain:420,long:60,sft:240", help="name:steps,... in order")
@@ -73,7 +76,7 @@ def get_parser():
     # optimisation
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
-    p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of each stage")
+    p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad_clip", type=float, default=1.0, help="global gradient norm limit (0: off)")
@@ -92,6 +95,7 @@ def get_parser():
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_workers", type=int, default=0, help="processes that pack batches ahead (0: in the loop)")
     # the planner
     p.add_argument("--plan", action="store_true", help="print the memory and FLOPs plan of this run and exit")
     p.add_argument("--n_gpus", type=int, default=1, help="GPUs assumed by --plan")
@@ -132,8 +136,8 @@ class Packer:
     """
     SPAN = 512
 
-    def __init__(self, world, processor, model):
-        self.world, self.processor, self.model = world, processor, model
+    def __init__(self, world, processor, cfg):
+        self.world, self.processor, self.cfg = world, processor, cfg
         self.skipped = 0
 
     def encode(self, sample, loss_on):
@@ -146,7 +150,9 @@ class Packer:
             tok = self.processor.tok
             labels = ids.masked_fill((ids == tok.image_token_id) | (ids == tok.video_token_id), -100)
         labels[0] = -100                                  # nothing in the row predicts a sample's first token
-        pos, _ = self.model.get_position_ids(b["input_ids"], None, b["image_grid_thw"], b["video_grid_thw"])
+        pos, _ = rope_index(b["input_ids"], None, b["image_grid_thw"], b["video_grid_thw"],
+                            image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
+                            spatial_merge_size=self.cfg.vision.spatial_merge_size)
         return dict(ids=ids, labels=labels, pos=pos[:, 0], pv=b["pixel_values"], ig=b["image_grid_thw"],
                     pvv=b["pixel_values_videos"], vg=b["video_grid_thw"])
 
@@ -167,6 +173,28 @@ class Packer:
 
     def batch(self, rows, stage, seq_len):
         return collate([self.row(r, stage, seq_len) for r in rows], seq_len, self.processor.tok.pad_id)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """
+    Item u is this rank's u-th micro-batch of the run (step u // grad_accum): a DataLoader builds them ahead in
+    worker processes (--data_workers) while the model trains. Rows are numbered across micro-steps and ranks.
+    """
+
+    def __init__(self, packer, args, rank, world_size):
+        self.packer, self.args, self.rank, self.world_size = packer, args, rank, world_size
+
+    def __len__(self):
+        return sum(n for _, n in self.args.stage_list) * self.args.grad_accum
+
+    def __getitem__(self, u):
+        a = self.args
+        step, m = divmod(u, a.grad_accum)
+        stage = stage_of(step, a.stage_list)
+        first = step * a.batch_size * a.grad_accum * self.world_size + (m * self.world_size + self.rank) * a.batch_size
+        skipped = self.packer.skipped
+        batch = self.packer.batch(range(first, first + a.batch_size), stage, a.seq_len * STAGES[stage]["seq_mult"])
+        return dict(batch, skipped=self.packer.skipped - skipped)
 
 
 def collate(rows, seq_len, pad_id):
@@ -265,20 +293,21 @@ def make_optimizer(model, args, device):
     return optimizer
 
 
-def lr_at(step_in_stage, stage_steps, args):
-    """Linear warmup, then cosine from the peak to min_lr_ratio * peak, restarted at every stage."""
-    warmup = min(args.warmup, max(1, stage_steps // 10))
-    if step_in_stage < warmup:
-        return args.lr * (step_in_stage + 1) / warmup
-    progress = (step_in_stage - warmup) / max(1, stage_steps - warmup)
+def lr_at(step, total_steps, args):
+    """Linear warmup, then one cosine from the peak to min_lr_ratio * peak over the whole run: the stages change
+    the data, the loss and what is trainable, not the schedule (restarting at the peak undid what was learned)."""
+    warmup = min(args.warmup, max(1, total_steps // 10))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def stage_of(step, stage_list):
-    """(stage name, step inside it, its length) of a global step."""
+    """The name of the stage a global step belongs to."""
     for name, n in stage_list:
         if step < n:
-            return name, step, n
+            return name
         step -= n
     raise ValueError(f"step {step} is past the last stage")
 
@@ -549,9 +578,16 @@ def main(argv=None):
             raise SystemExit(f"error: --init_from {args.init_from!r}: its tokenizer ({tok.n_vocab} tokens, image "
                              f"token {tok.image_token_id}) does not fit its model (vocab {cfg.text.vocab_size}, "
                              f"image token {cfg.image_token_id})")
-    else:
+    elif args.preset.startswith("qwen3-vl-"):  # a released size from scratch: the real vocabulary at its real ids
+        tok = Tokenizer.from_pretrained(args.tokenizer or None)
+        cfg = Qwen3VLConfig.from_preset(args.preset)
+        if tok.image_token_id != cfg.image_token_id:
+            raise SystemExit(f"error: --tokenizer puts <|image_pad|> at {tok.image_token_id}, {args.preset} at "
+                             f"{cfg.image_token_id}")
+    else:                                      # a toy size: its own small BPE (or --tokenizer), vocabulary to fit
         t0 = time.time()
-        tok = Tokenizer.train(world.text_corpus(4000), args.vocab_size)
+        tok = Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
+            Tokenizer.train(world.text_corpus(4000), args.vocab_size)
         say(f"trained a {tok.n_vocab}-token BPE on the toy world in {time.time() - t0:.1f}s")
         cfg = Qwen3VLConfig.from_preset(
             args.preset, text=dict(vocab_size=64 * math.ceil(tok.n_vocab / 64)),
@@ -589,10 +625,17 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
     train_model = torch.compile(model) if args.compile else model
-    packer = Packer(world, processor, model)
+    data = MicroBatches(Packer(world, processor, cfg), args, rank, world_size)
+    loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.data_workers,
+                                              sampler=range(step * args.grad_accum, len(data)),
+                                              prefetch_factor=4 if args.data_workers else None))
+    skipped = 0
 
     total_steps = sum(n for _, n in args.stage_list)
-    fpt = plan(cfg, args.seq_len, 1, 1, False)["flops_per_token"]
+    planned = plan(cfg, args.seq_len, args.batch_size, world_size, args.activation_checkpointing)
+    fpt = planned["flops_per_token"]
+    say(f"plan: {planned['total'] / 2**30:.1f} GiB per GPU ({planned['state'] / 2**30:.1f} model state, "
+        f"{planned['activations'] / 2**30:.1f} activations), {fpt / 1e9:.2f} GFLOP per token")
     peak = 989e12 if device.type == "cuda" else None               # H100/H200 dense bf16
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
     t_start, tokens_run = time.time(), 0
@@ -614,18 +657,16 @@ def main(argv=None):
         if last_step:
             break
 
-        stage, k, n = stage_of(step, args.stage_list)
+        stage = stage_of(step, args.stage_list)
         set_trainable(model, STAGES[stage]["trainable"])
-        lr = lr_at(k, n, args)
+        lr = lr_at(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.time()
         seq_len = args.seq_len * STAGES[stage]["seq_mult"]
         rows_per_step = args.batch_size * args.grad_accum * world_size
-        micro = []                             # this rank's micro-batches; rows are numbered across the whole run
-        for m in range(args.grad_accum):
-            first = step * rows_per_step + (m * world_size + rank) * args.batch_size
-            micro.append(packer.batch(range(first, first + args.batch_size), stage, seq_len))
+        micro = [next(loader) for _ in range(args.grad_accum)]          # this rank's micro-batches of the step
+        skipped += sum(b.pop("skipped") for b in micro)
         # the step's loss is the mean over all its target tokens, on every rank and micro-step
         n_target = torch.tensor(float(sum((b["labels"][:, 1:] != -100).sum() for b in micro)), device=device)
         if distributed:
@@ -659,7 +700,8 @@ def main(argv=None):
             log.write(json.dumps(metrics[-1]) + "\n")
         if step % args.log_every == 0 or step == 1:
             tps = tokens / dt
-            mfu = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}%" if peak else ""
+            mfu = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}% | peak mem " \
+                  f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if peak else ""
             eta = (time.time() - t_start) / tokens_run * tokens * (total_steps - step)
             say(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_value:.4f} | lr {lr:.2e} | "
                 f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
@@ -686,7 +728,7 @@ def main(argv=None):
         draw_grounding(s["messages"][0]["content"][0]["image"].resize((256, 256)), items,
                        os.path.join(args.out_dir, "sample.png"))
         say(f"wrote {args.out_dir}/: loss.png, metrics.png, sample.png, metrics.jsonl, test_scores.json, hf/ "
-            f"(Hugging Face export); {packer.skipped} samples skipped as longer than a row; "
+            f"(Hugging Face export); {skipped} samples skipped as longer than a row; "
             f"{(time.time() - t_start) / 60:.1f} min")
     if distributed:
         dist.destroy_process_group()

@@ -17,6 +17,21 @@ static cache likewise; its dynamic cache only the filled part), against the H200
 
     python bench/sample.py                                   # everything, batch 1 and 32
     python bench/sample.py --impl ours-graph,hf --batch 1
+    python bench/sample.py --impl ours-graph --batch 1 --profile     # where a decode step's time goes
+
+Measured on one H200 (torch 2.11, transformers 4.57.6; 128-token prompt, 128 new tokens), decode tokens/s and the
+share of 4.8 TB/s that the bytes read per step make:
+    implementation             batch 1             batch 32
+    ours (eager)                26.0  ( 8.2%)       671  ( 7.1%)
+    ours-graph                 169.5  (53.6%)      5115  (54.4%)
+    ours-sample (Instruct)     154    (48.7%)      4290  (45.7%)
+    hf (default)                12.0  ( 3.8%)       312  ( 3.3%)
+    hf-static (compiled)        63.1  (19.9%)      1905  (20.3%)
+Where ours-graph's 5.9 ms per step go (--profile, batch 1): the weight products alone, in one CUDA graph, take 4.9 ms
+(cuBLAS, 3.1 TB/s: the 8 MB k/v projections reach 1.6 TB/s, and 5 of the 7 products per layer are split-K with a
+reduce kernel); then cuDNN attention, 8 us per layer (the memory-efficient kernel takes no grouped-query heads with a
+mask here, the math one takes 44 us), and ~8 fused Triton kernels per layer (norms, QK-norm + RoPE + cache write,
+SwiGLU); 735 kernels per step in all.
 """
 import argparse
 import json

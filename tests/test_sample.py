@@ -3,6 +3,7 @@ text, an image, a timestamped video and a padded mixed batch; seeded sampling; l
 pass; penalties and truncation as defined; per-row stopping; a decode step that compiles as one static graph; the
 command line; errors."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -63,7 +64,7 @@ def test_rows_stop_at_their_own_eos(pair):
     _, ours = pair
     kw = make_batch(CASES["padded_mixed_batch"])
     free = generate(ours, **kw, max_new_tokens=16, temperature=0.0, eos_ids=())
-    eos = next(int(t) for t in free[0, 3:] if t not in free[2])       # ends row 0 (and maybe row 1), never row 2
+    eos = next(int(t) for t in free[0, 3:12] if t not in free[2])     # ends row 0 (and maybe row 1), never row 2
     tokens, logprobs = generate(ours, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(eos,),
                                 pad_id=-1, return_logprobs=True)
     for row in range(3):
@@ -151,6 +152,21 @@ def test_decode_step_compiles_to_one_static_graph(pair):
     assert int(compiled.pos) == S + 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_equals_eager(pair):
+    _, ours = pair
+    model = ours.to("cuda")
+    try:
+        kw = {k: v.cuda() for k, v in make_batch(CASES["padded_mixed_batch"]).items()}
+        eager, eager_lp = generate(model, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(), return_logprobs=True)
+        graph, graph_lp = generate(model, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(), return_logprobs=True,
+                                   cuda_graph=True)
+        assert torch.equal(eager, graph)
+        torch.testing.assert_close(eager_lp, graph_lp, rtol=0, atol=1e-4)
+    finally:
+        ours.to("cpu")
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_prompt_longer_than_context(pair):
     _, ours = pair
@@ -160,6 +176,9 @@ def test_prompt_longer_than_context(pair):
         generate(ours, ids, max_new_tokens=7)
     with pytest.raises(ValueError, match=r"sequence of 10 tokens is longer than the context \(8\)"):
         ours(ids[:, :10], kv_cache=KVCache(ours.cfg.text, 1, 8))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs the model and inputs on a CUDA device"):
+            generate(ours, ids[:, :10], max_new_tokens=2, cuda_graph=True)
 
 
 def test_image_token_count_must_match_the_image(pair):
@@ -197,10 +216,14 @@ def test_command_line_streams_and_grounds(pair, tmp_path, monkeypatch, capsys):
     ref.save_pretrained(tmp_path / "ckpt")
     tok = qwen_tokenizer()
     monkeypatch.setattr(tokenizer.Tokenizer, "from_pretrained", classmethod(lambda cls, path=None: tok))
+    with open(tmp_path / "ckpt" / "preprocessor_config.json", "w") as f:         # the image budget: 64 x 64 pixels
+        json.dump({"size": {"shortest_edge": 2048, "longest_edge": 4096}}, f)
     Image.new("RGB", (64, 48), "gray").save(tmp_path / "a.png")
     main(["--init_from", str(tmp_path / "ckpt"), "--image", str(tmp_path / "a.png"), "--prompt", "Where is it?",
           "--max_new_tokens", "6", "--temperature", "0", "--device", "cpu", "--ground"])
     out, err = capsys.readouterr()
-    assert "6 new tokens" in err and "drawn onto" in err
+    n_prompt = len(tok.apply_chat_template([{"role": "user", "content": "Where is it?"}], add_generation_prompt=True))
+    assert f"[{n_prompt + 2 + 4} prompt tokens, 6 new tokens" in err      # + vision start/end + 2x2 merged patches
+    assert "drawn onto" in err
     assert len(out.strip()) > 0
     assert Image.open(tmp_path / "a_ground.png").size == (64, 48)

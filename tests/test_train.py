@@ -30,7 +30,7 @@ def toy():
     model = Qwen3VL(cfg).eval()
     model.init_weights(seed=1)
     processor = Processor(tok, min_pixels=64 * 64 // 2, max_pixels=64 * 64 * 4)
-    return world, tok, model, train.Packer(world, processor, model)
+    return world, tok, model, train.Packer(world, processor, cfg)
 
 
 def losses(out_dir):
@@ -78,7 +78,7 @@ def test_packed_row_equals_samples_alone(toy):
 def test_rows_are_a_function_of_their_number(toy):
     world, tok, model, packer = toy
     a = [s["ids"] for s in packer.row(7, "sft", 128)]
-    other = train.Packer(world, packer.processor, model)
+    other = train.Packer(world, packer.processor, model.cfg)
     other.row(3, "sft", 128)
     b = [s["ids"] for s in other.row(7, "sft", 128)]
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
