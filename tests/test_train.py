@@ -63,7 +63,7 @@ def test_packed_row_equals_samples_alone(toy):
     row = packer.row(5, "pretrain", 256)
     assert len(row) >= 2
     batch = train.collate([row], 256, tok.pad_id)
-    labels = batch.pop("labels")
+    labels, real = batch.pop("labels"), batch.pop("real")
     with torch.no_grad():
         packed, _ = model(**{k: v for k, v in batch.items() if v is not None})
         n = 0
@@ -72,7 +72,7 @@ def test_packed_row_equals_samples_alone(toy):
                              pixel_values_videos=s["pvv"], video_grid_thw=s["vg"])
             torch.testing.assert_close(packed[0, n:n + len(s["ids"])], alone[0], rtol=0, atol=1e-5)
             n += len(s["ids"])
-    assert (labels[0, n:] == -100).all()
+    assert (labels[0, n:] == -100).all() and real[0, :n].all() and not real[0, n:].any()
 
 
 def test_rows_are_a_function_of_their_number(toy):
