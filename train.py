@@ -584,10 +584,11 @@ def main(argv=None):
         if tok.image_token_id != cfg.image_token_id:
             raise SystemExit(f"error: --tokenizer puts <|image_pad|> at {tok.image_token_id}, {args.preset} at "
                              f"{cfg.image_token_id}")
-    else:                                      # a toy size: its own small BPE (or --tokenizer), vocabulary to fit
+    else:   # a toy size: its own small BPE (or --tokenizer) trained on the world's text and the chat template's
+            # words (else "assistant" costs six tokens in every sample), vocabulary rounded up to a multiple of 64
         t0 = time.time()
         tok = Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
-            Tokenizer.train(world.text_corpus(4000), args.vocab_size)
+            Tokenizer.train((f"user\n{t}\nassistant\n" for t in world.text_corpus(4000)), args.vocab_size)
         say(f"trained a {tok.n_vocab}-token BPE on the toy world in {time.time() - t0:.1f}s")
         cfg = Qwen3VLConfig.from_preset(
             args.preset, text=dict(vocab_size=64 * math.ceil(tok.n_vocab / 64)),
