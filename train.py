@@ -77,6 +77,7 @@ def get_parser():
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run")
+    p.add_argument("--vision_lr_mult", type=float, default=0.1, help="the ViT's learning rate as a fraction of --lr")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad_clip", type=float, default=1.0, help="global gradient norm limit (0: off)")
@@ -279,15 +280,25 @@ def set_trainable(model, part):
         p.requires_grad = part == "all" or ".merger." in f".{name}" or "deepstack_merger_list." in name
 
 
+def is_vision_tower(name):
+    """The ViT's own parameters (patch and position embeddings, blocks), not its mergers."""
+    return name.startswith("visual.") and "merger" not in name
+
+
 def make_optimizer(model, args, device):
     """
-    AdamW; matrices and embeddings decay, norms and biases do not. Its state is created at once for every
+    AdamW; matrices and embeddings decay, norms and biases do not; the vision tower learns at a fraction of the
+    rate (--vision_lr_mult): trained from scratch at the full rate its features collapse (become image-independent)
+    before the LLM has learned to read them, and the model stays blind (measured on the toy world). Its state is created at once for every
     parameter (torch.distributed.checkpoint does it with one zero-gradient, zero-lr step, so step counters start
     at 1), also for the parts a stage freezes: every checkpoint then has the same layout and resumes exactly.
     """
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = []
+    for tower in (True, False):             # the ViT (not its mergers) learns at lr x vision_lr_mult
+        params = [p for n, p in model.named_parameters() if is_vision_tower(n) == tower]
+        mult = args.vision_lr_mult if tower else 1.0
+        groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay, lr_mult=mult),
+                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr_mult=mult)]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-8, foreach=True)
     get_state_dict(model, optimizer)
     return optimizer
@@ -662,7 +673,7 @@ def main(argv=None):
         set_trainable(model, STAGES[stage]["trainable"])
         lr = lr_at(step, total_steps, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         t0 = time.time()
         seq_len = args.seq_len * STAGES[stage]["seq_mult"]
         rows_per_step = args.batch_size * args.grad_accum * world_size
