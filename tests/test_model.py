@@ -1,7 +1,6 @@
 """model.py against the reference Qwen3VLForConditionalGeneration (tiny, random, fp32, CPU): whole-model logits and
 loss on text, images, video and padded mixed batches; checkpoints both ways; presets; errors."""
 import json
-import os
 
 import pytest
 import torch
