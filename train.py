@@ -348,7 +348,7 @@ def save_checkpoint(out_dir, model, optimizer, tok, step, args, rank):
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model_config(model).to_hf_dict(), f, indent=2)
+            json.dump(model.cfg.to_hf_dict(), f, indent=2)
         tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(dict(step=step, args={k: v for k, v in vars(args).items() if k != "stage_list"}), f, indent=2)
@@ -395,7 +395,7 @@ def export_hf(model, tok, processor, path, rank):
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with torch.device("meta"):
-            plain = Qwen3VL(model_config(model))
+            plain = Qwen3VL(model.cfg)
         plain.load_state_dict(sd, assign=True)
         if plain.cfg.tie_word_embeddings:
             plain.lm_head.weight = plain.language_model.embed_tokens.weight
@@ -404,10 +404,6 @@ def export_hf(model, tok, processor, path, rank):
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(dict(min_pixels=processor.min_pixels, max_pixels=processor.max_pixels), f)
     barrier()
-
-
-def model_config(model):
-    return (model._orig_mod if hasattr(model, "_orig_mod") else model).cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
