@@ -251,12 +251,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)    # one weight shared by all heads
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (decoding)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         B, S, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, nh, S, hd]
-        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)     # [B, nkv, S, hd]
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)                  # [B, nkv, S, hd]
+        if self.qkv_weight is not None and not torch.is_grad_enabled():  # decoding: one product (fuse_projections)
+            q, k, v = F.linear(x, self.qkv_weight).split([self.q_proj.out_features, self.k_proj.out_features,
+                                                          self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)   # [B, nh, S, hd]
+        k = self.k_norm(k.view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)      # [B, nkv, S, hd]
+        v = v.view(B, S, self.n_kv, self.head_dim).transpose(1, 2)                   # [B, nkv, S, hd]
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # rotated in the activation dtype
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
@@ -279,9 +285,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (decoding)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None and not torch.is_grad_enabled():  # decoding: one product (fuse_projections)
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -382,6 +393,30 @@ class Qwen3VL(nn.Module):
             return torch.zeros(shape)
         g = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
         return torch.randn(shape, generator=g) * std
+
+    @torch.no_grad()
+    def fuse_projections(self):
+        """
+        For decoding on a GPU (sample.py): a decode step reads every weight once for one token per row, so its speed is
+        the memory bandwidth its products reach, and one [q+k+v, H] product reads faster than three thin ones (the
+        same for gate and up). Each attention's q/k/v and each dense MLP's gate/up weights are copied into one matrix
+        and the separate parameters become views into it: names, values, the state dict and memory stay as they were.
+        Forward reads the fused matrix under torch.no_grad() and the parameters otherwise, so gradients and optimizer
+        steps (RL between rollouts) work as before and update the fused matrix too. Call it after moving the model
+        (.to() would copy the parts apart again).
+        """
+        for m in self.modules():
+            if isinstance(m, Attention):
+                parts, name = [m.q_proj, m.k_proj, m.v_proj], "qkv_weight"
+            elif isinstance(m, MLP):
+                parts, name = [m.gate_proj, m.up_proj], "gate_up_weight"
+            else:
+                continue
+            fused = torch.cat([p.weight for p in parts])                  # [sum of out_features, H]
+            setattr(m, name, fused)
+            for p, w in zip(parts, fused.split([p.out_features for p in parts])):
+                p.weight = nn.Parameter(w, requires_grad=p.weight.requires_grad)
+        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())       # tied weights are counted once

@@ -25,7 +25,9 @@ Notable features
 - Static decode (cuda_graph=True, GPU): a decode step has the same shapes every time (one token per row; attention
   over the whole cache with a mask; the write position is a tensor: model.KVCache), so it is compiled once
   (torch.compile fuses the norms, RoPE and SwiGLU into a few kernels) and captured in a CUDA graph; each token then
-  costs one graph launch. The eager path runs the very same step and stays the readable one.
+  costs one graph launch. The eager path runs the very same step and stays the readable one. The command line's
+  --compile also calls model.fuse_projections(): q/k/v and gate/up are each read as one matrix, which a decode step
+  (bound by reading the weights) does faster; the values and the state dict stay the same.
 
 Command line (streams the answer; --ground draws the boxes/points of a grounding answer onto the first image):
     python sample.py --init_from path/to/Qwen3-VL-2B-Instruct --image a.png --prompt "Describe this image."
@@ -241,7 +243,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--compile", action="store_true", help="decode with a compiled step in a CUDA graph (GPU)")
+    p.add_argument("--compile", action="store_true", help="decode with a compiled step in a CUDA graph, q/k/v and "
+                   "gate/up fused (GPU)")
     # prompt
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
@@ -266,6 +269,8 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tok, processor = load(args.init_from, device, dtype)
+    if args.compile:
+        model.fuse_projections()
     content = [{"type": "image", "image": f} for f in args.image] + [{"type": "video", "video": f} for f in args.video]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]

@@ -3,7 +3,9 @@ Decode speed of sample.generate on a GPU, side by side with the reference's gene
 here and in tests): Qwen3-VL-8B shapes, random bf16 weights made on the GPU, greedy, batch 1 and 32.
 
 - ours          sample.generate, eager (the readable path)
-- ours-graph    sample.generate(cuda_graph=True): the decode step compiled and captured in a CUDA graph
+- ours-graph    sample.generate(cuda_graph=True) after model.fuse_projections() (what `sample.py --compile` runs):
+                the decode step compiled and captured in a CUDA graph, q/k/v and gate/up each read as one matrix
+- ours-graph-unfused   the same with the fused matrices set aside (the parts are views of them: same values)
 - ours-sample   the same, sampling with Qwen3-VL's Instruct settings (penalties, top-k, top-p) instead of greedy
 - hf            the reference's generate, default (dynamic cache, eager)
 - hf-static     the reference's generate with cache_implementation="static" (it then compiles its forward
@@ -20,20 +22,25 @@ static cache likewise; its dynamic cache only the filled part), against the H200
     python bench/sample.py --impl ours-graph --batch 1 --profile     # where a decode step's time goes
 
 Measured on one H200 (torch 2.11, transformers 4.57.6; 128-token prompt, 128 new tokens), decode tokens/s and the
-share of 4.8 TB/s that the bytes read per step make:
+share of 4.8 TB/s that the bytes read per step make (one run, --profile; the B=32 unfused row is from the run before
+fuse_projections existed):
     implementation             batch 1             batch 32
-    ours (eager)                26.0  ( 8.2%)       671  ( 7.1%)
-    ours-graph                 169.5  (53.6%)      5115  (54.4%)
-    ours-sample (Instruct)     154    (48.7%)      4290  (45.7%)
-    hf (default)                12.0  ( 3.8%)       312  ( 3.3%)
-    hf-static (compiled)        63.1  (19.9%)      1905  (20.3%)
-Where ours-graph's 5.9 ms per step go (--profile, batch 1): the weight products alone, in one CUDA graph, take 4.9 ms
-(cuBLAS, 3.1 TB/s: the 8 MB k/v projections reach 1.6 TB/s, and 5 of the 7 products per layer are split-K with a
-reduce kernel); then cuDNN attention, 8 us per layer (the memory-efficient kernel takes no grouped-query heads with a
-mask here, the math one takes 44 us), and ~8 fused Triton kernels per layer (norms, QK-norm + RoPE + cache write,
-SwiGLU); 735 kernels per step in all.
+    ours-graph (fused)         187.4  (59.2%)      5558  (59.1%)
+    ours-graph-unfused         169.7  (53.7%)      5115  (54.4%)
+    ours-sample (Instruct)     166.1  (52.5%)      5165  (55.0%)
+    ours (eager)                15.4  ( 4.9%)       422  ( 4.5%)
+    hf (default)                 6.1  ( 1.9%)       310  ( 3.2%)
+    hf-static (compiled)        59.7  (18.9%)      1573  (16.7%)
+Where ours-graph's 5.3 ms per step go (--profile, batch 1): the weight products alone, in one CUDA graph, take 4.2 ms
+(cuBLAS, 3.6 TB/s; unfused they took 4.9 ms: the thin k/v products reached only 1.6 TB/s); two of the four products
+per layer still use split-K with a reduce kernel; then cuDNN attention, 8 us per layer (the memory-efficient kernel
+takes no grouped-query heads with a mask here, the math one takes 45 us), and ~7 fused Triton kernels per layer
+(norms, QK-norm + RoPE + cache write, SwiGLU); 510 kernels per step in all (735 unfused). Greedy tokens of random
+bf16 weights agree with the unfused run for 16 of 128 tokens at batch 1 and all 128 at batch 32: the fused products
+round differently in bf16 and random weights leave near-ties (fp32 tests: identical tokens).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -85,6 +92,21 @@ class Clock:
         pass
 
 
+@contextlib.contextmanager
+def unfused(model):
+    """Forward reads q/k/v and gate/up separately (as before fuse_projections) while inside."""
+    modules = [m for m in model.modules() if hasattr(m, "qkv_weight") or hasattr(m, "gate_up_weight")]
+    saved = [(m, name, getattr(m, name)) for m in modules for name in ("qkv_weight", "gate_up_weight")
+             if hasattr(m, name)]
+    for m, name, _ in saved:
+        setattr(m, name, None)
+    try:
+        yield
+    finally:
+        for m, name, w in saved:
+            setattr(m, name, w)
+
+
 def run(impl, model, ref, ids, new):
     """-> (new tokens [B, new], decode seconds per step, KV bytes read per step)."""
     cfg = model.cfg.text
@@ -94,8 +116,9 @@ def run(impl, model, ref, ids, new):
     if impl.startswith("ours"):
         sampling = dict(INSTRUCT, generator=torch.Generator(ids.device).manual_seed(0)) if impl == "ours-sample" \
             else dict(temperature=0.0)
-        out = generate(model, ids, max_new_tokens=new, eos_ids=(), cuda_graph=impl != "ours", on_token=clock,
-                       **sampling)
+        with unfused(model) if impl == "ours-graph-unfused" else contextlib.nullcontext():
+            out = generate(model, ids, max_new_tokens=new, eos_ids=(), cuda_graph=impl != "ours", on_token=clock,
+                           **sampling)
         slots = -(-(S + new) // CACHE_BLOCK) * CACHE_BLOCK if impl != "ours" else S + new
         times = clock.times
     else:
@@ -109,14 +132,19 @@ def run(impl, model, ref, ids, new):
 
 
 def matmul_floor(model, B, reps=20):
-    """ms per replay of a CUDA graph holding only a decode step's weight products (each LLM Linear, the LM head)."""
-    linears = [m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith(("language_model", "lm_head"))]
-    xs = {m.in_features: torch.randn(B, m.in_features, dtype=torch.bfloat16, device="cuda") for m in linears}
+    """ms per replay of a CUDA graph holding only a decode step's weight products (the matrices the forward reads:
+    fused ones after fuse_projections, each LLM Linear otherwise, and the LM head)."""
+    weights = [model.lm_head.weight]
+    for layer in model.language_model.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [a.qkv_weight] if a.qkv_weight is not None else [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+        weights += [a.o_proj.weight, m.down_proj.weight]
+        weights += [m.gate_up_weight] if m.gate_up_weight is not None else [m.gate_proj.weight, m.up_proj.weight]
+    xs = {w.shape[1]: torch.randn(B, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in weights}
 
     def products():
-        for m in linears:
-            torch.nn.functional.linear(xs[m.in_features], m.weight)
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -185,7 +213,7 @@ def profile_decode(model, ids, steps=10):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--impl", default="ours-graph,ours-sample,hf,ours,hf-static")
+    p.add_argument("--impl", default="ours-graph-unfused,ours-graph,ours-sample,hf,ours,hf-static")
     p.add_argument("--batch", default="1,32")
     p.add_argument("--preset", default="qwen3-vl-8b")
     p.add_argument("--prompt_len", type=int, default=128)
@@ -197,7 +225,7 @@ def main():
     impls, batches = args.impl.split(","), [int(b) for b in args.batch.split(",")]
 
     t0 = time.perf_counter()
-    model = build_ours(args.preset, "cuda")
+    model = build_ours(args.preset, "cuda").fuse_projections()        # as `sample.py --compile`
     ref = build_reference(model) if any(i.startswith("hf") for i in impls) else None
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if n.startswith(("language_model.layers", "language_model.norm", "lm_head")))

@@ -2,6 +2,7 @@
 text, an image, a timestamped video and a padded mixed batch; seeded sampling; log-probs against a fresh forward
 pass; penalties and truncation as defined; per-row stopping; a decode step that compiles as one static graph; the
 command line; errors."""
+import copy
 import importlib.util
 import json
 import os
@@ -152,19 +153,48 @@ def test_decode_step_compiles_to_one_static_graph(pair):
     assert int(compiled.pos) == S + 3
 
 
+def test_fused_projections_keep_values_state_dict_and_gradients(pair):
+    """fuse_projections (sample.py --compile): the same parameters, now views of one matrix per layer part; decoding
+    reads the fused matrix and gives the reference's greedy tokens; training still reaches every weight."""
+    ref, ours = pair
+    fused = copy.deepcopy(ours).fuse_projections()
+    a = fused.language_model.layers[1]
+    assert a.self_attn.k_proj.weight.untyped_storage().data_ptr() == a.self_attn.qkv_weight.untyped_storage().data_ptr()
+    assert a.mlp.up_proj.weight.untyped_storage().data_ptr() == a.mlp.gate_up_weight.untyped_storage().data_ptr()
+    before, after = ours.state_dict(), fused.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+    kw = make_batch(CASES["padded_mixed_batch"])
+    S = kw["input_ids"].shape[1]
+    with torch.no_grad():
+        expected = ref.generate(**kw, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                pad_token_id=PAD_ID)[:, S:]
+        torch.testing.assert_close(fused(**kw)[0], ours(**kw)[0], rtol=0, atol=1e-5)
+    assert torch.equal(generate(fused, **kw, max_new_tokens=32, temperature=0.0, eos_ids=()), expected)
+
+    labels = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
+    for m in (ours, fused):
+        m.zero_grad()
+        m(**kw, labels=labels)[1].backward()
+    for (name, p), q in zip(ours.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+    ours.zero_grad()
+    with torch.no_grad():                               # an optimizer step on a part shows in the fused matrix
+        a.self_attn.v_proj.weight.sub_(a.self_attn.v_proj.weight.grad)
+    assert torch.equal(a.self_attn.qkv_weight[-a.self_attn.v_proj.out_features:], a.self_attn.v_proj.weight)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_equals_eager(pair):
-    _, ours = pair
-    model = ours.to("cuda")
-    try:
-        kw = {k: v.cuda() for k, v in make_batch(CASES["padded_mixed_batch"]).items()}
-        eager, eager_lp = generate(model, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(), return_logprobs=True)
-        graph, graph_lp = generate(model, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(), return_logprobs=True,
+    """The compiled step in a CUDA graph, with and without fused projections, against the eager loop (fp32, GPU)."""
+    model = copy.deepcopy(pair[1]).to("cuda")
+    kw = {k: v.cuda() for k, v in make_batch(CASES["padded_mixed_batch"]).items()}
+    eager, eager_lp = generate(model, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(), return_logprobs=True)
+    for m in (model, copy.deepcopy(model).fuse_projections()):
+        graph, graph_lp = generate(m, **kw, max_new_tokens=16, temperature=0.0, eos_ids=(), return_logprobs=True,
                                    cuda_graph=True)
         assert torch.equal(eager, graph)
         torch.testing.assert_close(eager_lp, graph_lp, rtol=0, atol=1e-4)
-    finally:
-        ours.to("cpu")
 
 
 # ------------------------------------------------------------------------------------------------ errors
