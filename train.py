@@ -68,13 +68,13 @@ def get_parser():
     p.add_argument("--tokenizer", default="", help="a ranks file or HF directory (default: a new BPE for toy presets, "
                                                    "data/qwen.tiktoken for released ones)")
     # data
-    p.add_argument("--image_size", type=int, default=64, help="toy world image side in pixels")
-    p.add_argument("--stages", default="align:60,pretrain:420,long:60,sft:240", help="name:steps,... in order")
-    p.add_argument("--batch_size", type=int, default=8, help="packed rows per micro-step per rank")
+    p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
+    p.add_argument("--stages", default="align:120,pretrain:840,long:120,sft:480", help="name:steps,... in order")
+    p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     # optimisation
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run")
     p.add_argument("--vision_lr_mult", type=float, default=0.1, help="the ViT's learning rate as a fraction of --lr")
@@ -289,7 +289,8 @@ def make_optimizer(model, args, device):
     """
     AdamW; matrices and embeddings decay, norms and biases do not; the vision tower learns at a fraction of the
     rate (--vision_lr_mult): trained from scratch at the full rate its features collapse (become image-independent)
-    before the LLM has learned to read them, and the model stays blind (measured on the toy world). Its state is created at once for every
+    before the LLM has learned to read them (toy world, attribute questions only, 1500 steps: 0.52 at the full rate,
+    0.93 at 0.1). Its state is created at once for every
     parameter (torch.distributed.checkpoint does it with one zero-gradient, zero-lr step, so step counters start
     at 1), also for the parts a stage freezes: every checkpoint then has the same layout and resumes exactly.
     """

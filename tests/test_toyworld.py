@@ -16,7 +16,7 @@ import pytest
 from data.toyworld import (BACKGROUND, COLOR_NAMES, COLORS, MIXES, PLURAL, SHAPES, SPLITS, TASKS, VIDEO_FPS,
                            VIDEO_FRAMES, WORDS, ToyWorld, final_answer, json_list, normalize, object_mask, score)
 
-SIZE = 64
+SIZE = 96
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +252,9 @@ def test_bbox_chance(world):
     truths = np.array([json_list("bbox_2d", world.sample("train", i, task="bbox", render=False)["answer"])
                        for i in range(1500)])
     best = 0.0
-    for side in (300, 350, 400):  # constant squares on a grid over the image
-        for x in range(50, 1000 - side, 50):
-            for y in range(50, 1000 - side, 50):
+    for side in (200, 250, 300, 350, 400):  # constant squares on a grid over the image
+        for x in range(0, 1000 - side, 25):
+            for y in range(0, 1000 - side, 25):
                 w = np.clip(np.minimum(x + side, truths[:, 2]) - np.maximum(x, truths[:, 0]), 0, None)
                 h = np.clip(np.minimum(y + side, truths[:, 3]) - np.maximum(y, truths[:, 1]), 0, None)
                 union = side * side + (truths[:, 2] - truths[:, 0]) * (truths[:, 3] - truths[:, 1]) - w * h

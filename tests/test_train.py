@@ -22,7 +22,7 @@ TINY = ["--vocab_size", "400", "--batch_size", "2", "--seq_len", "128", "--eval_
 
 @pytest.fixture(scope="module")
 def toy():
-    world = ToyWorld(seed=0, image_size=64)
+    world = ToyWorld(seed=0, image_size=96)
     tok = Tokenizer.train(world.text_corpus(1000), 400)
     cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=448), image_token_id=tok.image_token_id,
                                     video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_id,
