@@ -95,8 +95,7 @@ class Clock:
 @contextlib.contextmanager
 def unfused(model):
     """Forward reads q/k/v and gate/up separately (as before fuse_projections) while inside."""
-    modules = [m for m in model.modules() if hasattr(m, "qkv_weight") or hasattr(m, "gate_up_weight")]
-    saved = [(m, name, getattr(m, name)) for m in modules for name in ("qkv_weight", "gate_up_weight")
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in ("qkv_weight", "gate_up_weight")
              if hasattr(m, name)]
     for m, name, _ in saved:
         setattr(m, name, None)

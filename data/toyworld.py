@@ -72,8 +72,8 @@ WORDS = (  # 3 to 5 capital letters; a closed vocabulary keeps OCR learnable by 
 # Objects sit on the grid of the model's visual tokens: one token of Qwen3-VL covers a 2x2 block of 16-px patches, a
 # 32-px cell, and each object fills most of one cell, a couple of pixels off its centre. A tiny ViT trained from scratch
 # for minutes cannot learn to tell shapes apart wherever they fall across patch borders (measured: with objects
-# placed anywhere, shape questions stayed at chance after 32k attribute samples; on the grid they reach 95% after
-# 24k, and at 5 px of jitter they stay at chance again), so the toy world gives it the easy case.
+# placed anywhere, shape questions ended at 0.24-0.44, chance 0.25, after 32k attribute samples; on the grid they
+# reach 95% after 24k, and at 5 px of jitter they stay at chance again), so the toy world gives it the easy case.
 CELL = 32
 OBJECT = (20, 28)  # object side in pixels, drawn uniformly
 JITTER = 2  # largest offset of an object from its cell's centre, in pixels
@@ -229,7 +229,7 @@ def enumerate_words(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def distinct_objects(rng, size, n):
+def distinct_objects(rng, n):
     """n objects with different (colour, shape) pairs, so that "the red circle" names exactly one."""
     pairs = rng.sample([(c, s) for c in COLOR_NAMES for s in SHAPES], n)
     return [new_object(rng, s, c) for c, s in pairs]
@@ -250,7 +250,7 @@ def n_of(k, shape):
 
 def make_caption(rng, size):
     word, word_box = random_word(rng, size) if rng.random() < 0.25 else (None, None)
-    objects = distinct_objects(rng, size, rng.randint(1, 2 if word else 3))
+    objects = distinct_objects(rng, rng.randint(1, 2 if word else 3))
     place(rng, objects, size, taken=[word_box] if word else [])
     items = [a_name(o) for o in sorted(objects, key=lambda o: o["x"] + o["d"] / 2)]  # left to right
     if word:
@@ -307,7 +307,7 @@ def make_count(rng, size):
 
 
 def grounding_scene(rng, size):
-    objects = place(rng, distinct_objects(rng, size, rng.randint(1, 3)), size)
+    objects = place(rng, distinct_objects(rng, rng.randint(1, 3)), size)
     return objects, objects[rng.randrange(len(objects))]
 
 
@@ -373,7 +373,7 @@ def make_video(rng, size):
     objects = [new_object(rng, rng.choice(SHAPES), c) for c in colors]
     kind = rng.choice(["appear", "vanish"])
     grid = size // CELL
-    held = [dict() for _ in range(SLOTS)]  # slot -> {cell: object index}
+    held = [set() for _ in range(SLOTS)]  # the cells taken in each slot
     tracks = []
     for i, o in enumerate(objects):
         if i == 0 and kind == "vanish":  # the asked object: its asked event time is uniform over the slots
@@ -393,7 +393,7 @@ def make_video(rng, size):
                            if 0 <= cx + dx < grid and 0 <= cy + dy < grid]
             options = [c for c in options if c not in held[slot]]  # never empty: 9 cells or more, 2 objects
             cell = rng.choice(options)
-            held[slot][cell] = i
+            held[slot].add(cell)
             placed = place(rng, [dict(o)], size, region=(cell[0] * CELL, cell[1] * CELL,
                                                           (cell[0] + 1) * CELL, (cell[1] + 1) * CELL))[0]
             for f in range(slot * EVENT_STRIDE, (slot + 1) * EVENT_STRIDE):

@@ -85,6 +85,14 @@ def make_row(parts, g):
     return ids, img_g, img_p, vid_g, vid_p
 
 
+def short_of_image_features():
+    """A batch whose image has 6 placeholder tokens ((1, 4, 6) grid) but pixels and grid of a (1, 4, 4) image: 4
+    features. Returns (model kwargs, the error the model must raise)."""
+    kw = make_batch([[("text", 5), ("image", (1, 4, 6)), ("text", 7)]])
+    kw = dict(kw, image_grid_thw=torch.tensor([[1, 4, 4]]), pixel_values=kw["pixel_values"][:16])
+    return kw, r"image placeholder tokens \(6\) do not match the image features \(4"
+
+
 def make_batch(rows, seed=0):
     """rows: list of parts lists. Left-pads to one length (pad id 151643). Returns the model kwargs."""
     g = torch.Generator().manual_seed(seed)

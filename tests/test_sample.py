@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch
+from conftest import make_batch, short_of_image_features
 
 from model import KVCache
 from sample import INSTRUCT, PAD_ID, apply_penalties, decode_step, generate, main, warp
@@ -212,12 +212,9 @@ def test_prompt_longer_than_context(pair):
 
 
 def test_image_token_count_must_match_the_image(pair):
-    _, ours = pair
-    kw = make_batch(CASES["image"])
-    kw["image_grid_thw"] = torch.tensor([[1, 4, 4]])
-    kw["pixel_values"] = kw["pixel_values"][:16]
-    with pytest.raises(ValueError, match=r"image placeholder tokens \(6\) do not match the image features \(4"):
-        generate(ours, **kw, max_new_tokens=4)
+    kw, error = short_of_image_features()
+    with pytest.raises(ValueError, match=error):
+        generate(pair[1], **kw, max_new_tokens=4)
 
 
 def test_missing_checkpoint_directory(tmp_path):
