@@ -6,15 +6,17 @@ Notable features
   (it is the Conv3d of the checkpoint with kernel = stride = input; the loader reshapes that weight).
 - A learned 48 x 48 absolute position embedding, resampled bilinearly (align-corners) to each image's patch grid.
 - 2-D rotary attention (rope.vision_cos_sin) over all images and video frame groups of a batch packed into one
-  sequence; attention is block-diagonal: each frame group of each image/video attends only to itself.
+  sequence; attention is block-diagonal: each frame group of each image/video attends only to itself. It is
+  computed as one batched attention per distinct frame-group size (rows gathered so that groups of one size sit
+  side by side), not as one [N, N] masked product: no work on the zeros of the mask, no padding.
 - Pre-norm blocks (LayerNorm, non-causal attention, GELU-tanh MLP), no final norm.
 - A 2x2 spatial-merge MLP ("merger") into the LLM width, and the DeepStack mergers that turn the outputs of
   a few intermediate blocks into extra features for the first LLM layers (§2.2).
 
 Input layout (as the processor makes it): `pixel_values` [N, 3*2*16*16] with each row ordered (c, t, py, px),
 rows in merge-block order (for each frame group: rows of 2x2 blocks, row-major inside a block);
-`grid_thw` [n, 3] = (t, h, w) in patches per image/video. There is no Python loop over images and no
-host synchronisation in the forward.
+`grid_thw` [n, 3] = (t, h, w) in patches per image/video. There is no Python loop over images; the forward reads
+the frame-group sizes back to the host once (to shape the batched attention) and loops over the distinct sizes.
 """
 import torch
 import torch.nn as nn
@@ -46,6 +48,20 @@ def patch_coordinates(grid_thw, num_patches, merge_size):
     return img, row, col, segment
 
 
+def segment_batches(grid_thw, segment):
+    """
+    How to run block-diagonal attention as dense batches: `order` [N] lists the packed rows sorted (stably) by the
+    size of their frame group, so all groups of one size are contiguous and each stays in its own order; `sizes`
+    is [(count, length), ...] per distinct size, ascending, on the host (the one read-back of the forward).
+    x[order][:count * length].view(count, length, ...) is then the first batch, and so on.
+    """
+    lengths = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0])   # [frame groups]
+    order = torch.sort(lengths[segment], stable=True).indices                      # [N]
+    values, counts = torch.unique(lengths, return_counts=True)                     # ascending sizes
+    sizes = list(zip(*torch.stack([counts, values]).tolist()))
+    return order, sizes
+
+
 class VisionAttention(nn.Module):
     """Non-causal multi-head attention with 2-D RoPE; qkv rows are [q | k | v], head-major (reference §2.4)."""
 
@@ -55,15 +71,21 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, order, sizes):
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, D // self.num_heads).unbind(1)   # [N, nh, hd] each
         q = apply_rotary(q, cos[:, None], sin[:, None])                # rotated in float32
         k = apply_rotary(k, cos[:, None], sin[:, None])
-        q, k, v = (z.transpose(0, 1)[None] for z in (q, k, v))         # [1, nh, N, hd]
-        # block-diagonal mask: a patch attends only to patches of its own frame group
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)    # [1, nh, N, hd]
-        return self.proj(y[0].transpose(0, 1).reshape(N, D))
+        # a patch attends only to patches of its own frame group: one dense batch per frame-group size
+        q, k, v = q[order], k[order], v[order]                         # [N, nh, hd], grouped by size
+        ys, start = [], 0
+        for count, length in sizes:
+            batch = [z[start:start + count * length].view(count, length, self.num_heads, -1).transpose(1, 2)
+                     for z in (q, k, v)]                               # [count, nh, length, hd]
+            ys.append(F.scaled_dot_product_attention(*batch).transpose(1, 2).reshape(count * length, D))
+            start += count * length
+        y = torch.empty_like(x).index_copy_(0, order, torch.cat(ys))  # [N, D], back in packed order
+        return self.proj(y)
 
 
 class VisionMLP(nn.Module):
@@ -86,8 +108,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, order, sizes):
+        x = x + self.attn(self.norm1(x), cos, sin, order, sizes)
         return x + self.mlp(self.norm2(x))
 
 
@@ -162,11 +184,11 @@ class VisionEncoder(nn.Module):
         x = self.patch_embed.proj(pixel_values.to(dtype))                              # [N, D]
         x = x + self.interpolated_pos_embed(img, row, col, grid_thw).to(dtype)
         cos, sin = vision_cos_sin(row, col, cfg.hidden_size // cfg.num_heads)          # [N, hd] float32
-        mask = segment[:, None] == segment[None, :]                                    # [N, N] block-diagonal
+        order, sizes = segment_batches(grid_thw, segment)                              # block-diagonal attention
 
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, order, sizes)
             if i in cfg.deepstack_visual_indexes:
                 j = cfg.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](x))                     # [N/4, out_hidden]
