@@ -65,11 +65,13 @@ def get_parser():
     p.add_argument("--preset", default="toy-cpu", help="model size (model.PRESETS); ignored with --init_from")
     p.add_argument("--init_from", default="", help="a Hugging Face Qwen3-VL directory (weights + tokenizer) to start from")
     p.add_argument("--vocab_size", type=int, default=1024, help="size of the BPE trained on the toy world (no --init_from)")
+    p.add_argument("--pos_embed_std", type=float, default=0.5, help="initial std of the ViT's position table (from "
+                   "scratch; 0.5: about the patch features' scale, so tokens know where they are; see README)")
     p.add_argument("--tokenizer", default="", help="a ranks file or HF directory (default: a new BPE for toy presets, "
                                                    "data/qwen.tiktoken for released ones)")
     # data
     p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
-    p.add_argument("--stages", default="align:120,pretrain:840,long:120,sft:480", help="name:steps,... in order")
+    p.add_argument("--stages", default="align:240,pretrain:1080,long:140,sft:600", help="name:steps,... in order")
     p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -82,7 +84,7 @@ def get_parser():
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad_clip", type=float, default=1.0, help="global gradient norm limit (0: off)")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval_every", type=int, default=200, help="steps between evaluations and checkpoints (0: end only)")
+    p.add_argument("--eval_every", type=int, default=400, help="steps between evaluations and checkpoints (0: end only)")
     p.add_argument("--eval_samples", type=int, default=24, help="validation samples per task")
     p.add_argument("--test_samples", type=int, default=64, help="test samples per task in the final evaluation")
     p.add_argument("--max_new_tokens", type=int, default=40, help="longest answer generated in evaluation")
@@ -617,7 +619,11 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --init_from {args.init_from!r}: {e}") from e
     else:                                      # (a resumed run overwrites this from its checkpoint below)
-        fill(model, ((n, Qwen3VL.initial_value(n, p.shape, args.seed)) for n, p in model.named_parameters()))
+        # every tensor at the reference's initializer_range except the ViT's position table: at 0.02 it is ~35x
+        # below the patch features and the tokens cannot tell the LLM where they are (README: the toy run)
+        stds = {"visual.pos_embed.weight": args.pos_embed_std}
+        fill(model, ((n, Qwen3VL.initial_value(n, p.shape, args.seed, stds.get(n, 0.02)))
+                     for n, p in model.named_parameters()))
     processor = Processor(tok, min_pixels=args.image_size ** 2 // 2, max_pixels=args.image_size ** 2 * 4)
     n_vit = sum(p.numel() for p in model.visual.parameters())
     say(f"model: {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} LLM + {cfg.vision.depth} x "

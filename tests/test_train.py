@@ -164,6 +164,20 @@ def test_fsdp_two_ranks_equal_one(tmp_path):
     assert len(losses(two)) == 6 and losses(two)[:4] == a
 
 
+def test_pos_embed_std_sets_only_the_position_embedding(tmp_path):
+    """--pos_embed_std draws the ViT's position table at that scale and leaves every other initial tensor alone
+    (checked after one align step, which trains only the mergers)."""
+    train.main(TINY + ["--stages", "align:1", "--eval_every", "0", "--pos_embed_std", "0.3",
+                       "--out_dir", str(tmp_path / "o")])
+    model = Qwen3VL.from_pretrained(tmp_path / "o" / "hf")
+    pos = model.visual.pos_embed.weight
+    assert torch.equal(pos, Qwen3VL.initial_value("visual.pos_embed.weight", pos.shape, 0, std=0.3))
+    assert 0.27 < pos.std() < 0.33
+    for name, p in model.named_parameters():
+        if name.startswith("visual.") and "merger" not in name and "pos_embed" not in name:
+            assert torch.equal(p, Qwen3VL.initial_value(name, p.shape, 0)), name
+
+
 def test_unknown_config_key(tmp_path):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1e-3}))
