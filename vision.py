@@ -84,7 +84,8 @@ class VisionAttention(nn.Module):
                      for z in (q, k, v)]                               # [count, nh, length, hd]
             ys.append(F.scaled_dot_product_attention(*batch).transpose(1, 2).reshape(count * length, D))
             start += count * length
-        y = torch.empty_like(x).index_copy_(0, order, torch.cat(ys))  # [N, D], back in packed order
+        y = torch.cat(ys)                                              # [N, D], grouped by size
+        y = torch.empty_like(y).index_copy_(0, order, y)               # [N, D], back in packed order
         return self.proj(y)
 
 

@@ -49,6 +49,23 @@ def test_vision_encoder_gradients_match_reference(pair):
         torch.testing.assert_close(grads[1][n], grads[0][n].reshape(grads[1][n].shape), rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_vision_encoder_under_bf16_autocast(pair):
+    """train.py on a GPU runs the ViT under bf16 autocast (LayerNorm in fp32, attention in bf16): forward and
+    backward run on packed images of several sizes and a video, and the tokens stay within bf16 rounding of fp32."""
+    _, ours = pair
+    grid = torch.tensor(GRIDS[3])
+    g = torch.Generator().manual_seed(4)
+    pix = torch.cat([pixels(tuple(x), g) for x in grid.tolist()])
+    with torch.no_grad():
+        ref, _ = ours.visual(pix, grid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tok, ds = ours.visual(pix, grid)
+    (tok.float().sum() + sum(d.float().sum() for d in ds)).backward()
+    ours.visual.zero_grad(set_to_none=True)
+    assert tok.dtype == torch.bfloat16
+    torch.testing.assert_close(tok.float(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
+
+
 def test_frame_groups_do_not_attend_to_each_other(pair):
     """Changing the pixels of one image (or one frame group) leaves every other one's features unchanged."""
     _, ours = pair
