@@ -279,12 +279,17 @@ def _find(params, name):
 def set_trainable(model, part):
     """'mergers': only the ViT's merger and DeepStack mergers learn (stage 0); 'all': everything."""
     for name, p in model.named_parameters():
-        p.requires_grad = part == "all" or ".merger." in f".{name}" or "deepstack_merger_list." in name
+        p.requires_grad = part == "all" or is_merger(name)
+
+
+def is_merger(name):
+    """The ViT's merger and DeepStack mergers (visual.merger.*, visual.deepstack_merger_list.*)."""
+    return name.startswith("visual.") and "merger" in name
 
 
 def is_vision_tower(name):
     """The ViT's own parameters (patch and position embeddings, blocks), not its mergers."""
-    return name.startswith("visual.") and "merger" not in name
+    return name.startswith("visual.") and not is_merger(name)
 
 
 def make_optimizer(model, args, device):

@@ -7,8 +7,9 @@ Notable features
 - A learned 48 x 48 absolute position embedding, resampled bilinearly (align-corners) to each image's patch grid.
 - 2-D rotary attention (rope.vision_cos_sin) over all images and video frame groups of a batch packed into one
   sequence; attention is block-diagonal: each frame group of each image/video attends only to itself. It is
-  computed as one batched attention per distinct frame-group size (rows gathered so that groups of one size sit
-  side by side), not as one [N, N] masked product: no work on the zeros of the mask, no padding.
+  computed as one batched attention per distinct frame-group size, not as one [N, N] masked product: the encoder
+  sorts the rows once so that frame groups of one size sit side by side (blocks work row by row, so the order does
+  not matter to them) and puts them back before the mergers. No work on the zeros of the mask, no padding.
 - Pre-norm blocks (LayerNorm, non-causal attention, GELU-tanh MLP), no final norm.
 - A 2x2 spatial-merge MLP ("merger") into the LLM width, and the DeepStack mergers that turn the outputs of
   a few intermediate blocks into extra features for the first LLM layers (§2.2).
@@ -71,22 +72,20 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, cos, sin, order, sizes):
+    def forward(self, x, cos, sin, sizes):
+        """x [N, D] with rows grouped by frame-group size (segment_batches); sizes [(count, length), ...]."""
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, D // self.num_heads).unbind(1)   # [N, nh, hd] each
         q = apply_rotary(q, cos[:, None], sin[:, None])                # rotated in float32
         k = apply_rotary(k, cos[:, None], sin[:, None])
         # a patch attends only to patches of its own frame group: one dense batch per frame-group size
-        q, k, v = q[order], k[order], v[order]                         # [N, nh, hd], grouped by size
         ys, start = [], 0
         for count, length in sizes:
             batch = [z[start:start + count * length].view(count, length, self.num_heads, -1).transpose(1, 2)
                      for z in (q, k, v)]                               # [count, nh, length, hd]
             ys.append(F.scaled_dot_product_attention(*batch).transpose(1, 2).reshape(count * length, D))
             start += count * length
-        y = torch.cat(ys)                                              # [N, D], grouped by size
-        y = torch.empty_like(y).index_copy_(0, order, y)               # [N, D], back in packed order
-        return self.proj(y)
+        return self.proj(torch.cat(ys))                                # [N, D], same row order as x
 
 
 class VisionMLP(nn.Module):
@@ -109,8 +108,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, order, sizes):
-        x = x + self.attn(self.norm1(x), cos, sin, order, sizes)
+    def forward(self, x, cos, sin, sizes):
+        x = x + self.attn(self.norm1(x), cos, sin, sizes)
         return x + self.mlp(self.norm2(x))
 
 
@@ -185,12 +184,15 @@ class VisionEncoder(nn.Module):
         x = self.patch_embed.proj(pixel_values.to(dtype))                              # [N, D]
         x = x + self.interpolated_pos_embed(img, row, col, grid_thw).to(dtype)
         cos, sin = vision_cos_sin(row, col, cfg.hidden_size // cfg.num_heads)          # [N, hd] float32
-        order, sizes = segment_batches(grid_thw, segment)                              # block-diagonal attention
+        # the blocks run on rows grouped by frame-group size; the mergers read them back in packed order
+        order, sizes = segment_batches(grid_thw, segment)
+        inverse = torch.argsort(order)                                                 # [N]
+        x, cos, sin = x[order], cos[order], sin[order]
 
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, order, sizes)
+            x = block(x, cos, sin, sizes)
             if i in cfg.deepstack_visual_indexes:
                 j = cfg.deepstack_visual_indexes.index(i)
-                deepstack.append(self.deepstack_merger_list[j](x))                     # [N/4, out_hidden]
-        return self.merger(x), deepstack                                                # [N/4, out_hidden]
+                deepstack.append(self.deepstack_merger_list[j](x[inverse]))            # [N/4, out_hidden]
+        return self.merger(x[inverse]), deepstack                                       # [N/4, out_hidden]

@@ -51,8 +51,8 @@ rcfg = Qwen3VLVisionConfig(depth=vcfg.depth, hidden_size=vcfg.hidden_size, inter
                            deepstack_visual_indexes=list(vcfg.deepstack_visual_indexes))
 rcfg._attn_implementation = "sdpa"
 reference = Qwen3VLVisionModel(rcfg).to(device=device, dtype=dtype)
-theirs = reference.state_dict()           # same names; their Conv3d patch embedding is our Linear, flattened
-ours.load_state_dict({k: v.reshape(ours.state_dict()[k].shape) for k, v in theirs.items()})
+mine = ours.state_dict()                  # same names; their Conv3d patch embedding is our Linear, flattened
+ours.load_state_dict({k: v.reshape(mine[k].shape) for k, v in reference.state_dict().items()})
 
 
 def step(model, run):
