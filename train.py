@@ -420,15 +420,17 @@ def export_hf(model, tok, processor, path, rank):
 
 @torch.no_grad()
 def evaluate(model, processor, world, split, n_per_task, device, autocast, max_new_tokens, batch_size=64):
-    """Greedy answers to n_per_task samples of every task: ({task: mean score}, {task: (sample, reply)}).
+    """Greedy answers to n_per_task samples of every task: ({task: mean score}, {task: {kind: mean score}},
+    {task: (sample, reply)}); a task's kinds are its question families (attribute: color / shape, compare: more /
+    same_color / same_shape, ...), so a task score near chance can be told apart from one failing kind.
     Every rank runs the same batches (identical greedy decodes keep FSDP's collectives in step)."""
     from data.toyworld import TASKS
     from sample import generate
     model.eval()
-    scores, examples = {}, {}
+    scores, kinds, examples = {}, {}, {}
     for task in TASKS:
         samples = [world.sample(split, i, task=task) for i in range(n_per_task)]
-        total = 0.0
+        by_kind = {}                                                 # kind -> the scores of its samples
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             batch = processor([s["messages"][:1] for s in chunk], add_generation_prompt=True)
@@ -438,11 +440,12 @@ def evaluate(model, processor, world, split, n_per_task, device, autocast, max_n
                                eos_ids=processor.tok.eos_ids, pad_id=processor.tok.pad_id)
             for s, ids in zip(chunk, out.tolist()):
                 reply = processor.tok.decode(ids, skip_special_tokens=True).strip()
-                total += TASKS[task].score(reply, s)
+                by_kind.setdefault(s["kind"], []).append(TASKS[task].score(reply, s))
                 examples.setdefault(task, (s, reply))
-        scores[task] = total / len(samples)
+        scores[task] = sum(map(sum, by_kind.values())) / len(samples)
+        kinds[task] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
     model.train()
-    return scores, examples
+    return scores, kinds, examples
 
 
 def plot(out_dir, metrics, stage_list):
@@ -665,7 +668,7 @@ def main(argv=None):
     while True:
         last_step = step == total_steps
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or last_step):
-            scores, _ = evaluate(model, processor, world, "val", args.eval_samples, device, autocast,
+            scores, _, _ = evaluate(model, processor, world, "val", args.eval_samples, device, autocast,
                                  args.max_new_tokens)
             metrics.append(dict(step=step, eval=scores))
             if rank == 0:
@@ -729,15 +732,17 @@ def main(argv=None):
         log.close()
 
     # -- final: test evaluation, a Hugging Face export, one answer drawn on its image --
-    scores, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast,
+    scores, kinds, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast,
                                 args.max_new_tokens)
     export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), rank)
     if rank == 0:
-        say(f"\ntest ({args.test_samples} samples per task)   score   chance")
+        say(f"\ntest ({args.test_samples} samples per task)   score   chance   by kind of question")
         for task, v in scores.items():
-            say(f"  {task:10s}                  {v:6.2f}   {TASKS[task].chance:6.2f}")
+            by_kind = ", ".join(f"{k} {x:.2f}" for k, x in kinds[task].items()) if len(kinds[task]) > 1 else ""
+            say(f"  {task:10s}                  {v:6.2f}   {TASKS[task].chance:6.2f}   {by_kind}")
         with open(os.path.join(args.out_dir, "test_scores.json"), "w") as f:
-            json.dump({t: dict(score=v, chance=TASKS[t].chance) for t, v in scores.items()}, f, indent=2)
+            json.dump({t: dict(score=v, chance=TASKS[t].chance, kinds=kinds[t]) for t, v in scores.items()}, f,
+                      indent=2)
         from processor import draw_grounding, parse_grounding
         s, reply = examples["bbox"]
         say(f"\nsample: {s['question']}\n  model: {reply}\n  truth: {s['answer']}")

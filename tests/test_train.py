@@ -84,6 +84,32 @@ def test_rows_are_a_function_of_their_number(toy):
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
+    """A stand-in for generation that answers only "Which image has more ...?" right: the compare task's score is
+    the share of those questions and its kinds read 1 for "more", 0 for the yes/no ones."""
+    import sample
+    world, tok, model, packer = toy
+    samples = [world.sample("val", i, task="compare") for i in range(12)]      # what evaluate will ask, in order
+
+    def fake_generate(model, input_ids, **kw):
+        assert len(input_ids) == len(samples)                                   # one batch: row i asks sample i
+        replies = []
+        for ids, s in zip(input_ids.tolist(), samples):
+            assert s["question"] in tok.decode(ids)
+            replies.append(tok.encode(s["answer"] if s["kind"] == "more" else "Maybe."))
+        width = max(map(len, replies))
+        return torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in replies])
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    from data import toyworld
+    monkeypatch.setattr(toyworld, "TASKS", {"compare": toyworld.TASKS["compare"]})
+    scores, kinds, examples = train.evaluate(model, packer.processor, world, "val", 12, "cpu", train.nullcontext(), 8)
+    kind_of = [s["kind"] for s in samples]
+    assert set(kind_of) == {"more", "same_color", "same_shape"}
+    assert kinds["compare"] == {"more": 1.0, "same_color": 0.0, "same_shape": 0.0}
+    assert scores["compare"] == pytest.approx(kind_of.count("more") / 12)
+
+
 def test_resume_gives_the_same_loss_curve(tmp_path):
     """Stop (SIGKILL) a run right after its first checkpoint, resume it: bitwise the uninterrupted run's losses."""
     args = TINY + ["--stages", "align:2,pretrain:4,sft:2", "--eval_every", "2"]
