@@ -669,7 +669,7 @@ def main(argv=None):
         last_step = step == total_steps
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or last_step):
             scores, _, _ = evaluate(model, processor, world, "val", args.eval_samples, device, autocast,
-                                 args.max_new_tokens)
+                                    args.max_new_tokens)
             metrics.append(dict(step=step, eval=scores))
             if rank == 0:
                 log.write(json.dumps(metrics[-1]) + "\n")
@@ -733,7 +733,7 @@ def main(argv=None):
 
     # -- final: test evaluation, a Hugging Face export, one answer drawn on its image --
     scores, kinds, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast,
-                                args.max_new_tokens)
+                                       args.max_new_tokens)
     export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), rank)
     if rank == 0:
         say(f"\ntest ({args.test_samples} samples per task)   score   chance   by kind of question")
