@@ -103,7 +103,7 @@ def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
     monkeypatch.setattr(sample, "generate", fake_generate)
     from data import toyworld
     monkeypatch.setattr(toyworld, "TASKS", {"compare": toyworld.TASKS["compare"]})
-    scores, kinds, examples = train.evaluate(model, packer.processor, world, "val", 12, "cpu", train.nullcontext(), 8)
+    scores, kinds, _ = train.evaluate(model, packer.processor, world, "val", 12, "cpu", train.nullcontext(), 8)
     kind_of = [s["kind"] for s in samples]
     assert set(kind_of) == {"more", "same_color", "same_shape"}
     assert kinds["compare"] == {"more": 1.0, "same_color": 0.0, "same_shape": 0.0}
@@ -200,7 +200,7 @@ def test_pos_embed_std_sets_only_the_position_embedding(tmp_path):
     assert torch.equal(pos, Qwen3VL.initial_value("visual.pos_embed.weight", pos.shape, 0, std=0.3))
     assert 0.27 < pos.std() < 0.33
     for name, p in model.named_parameters():
-        if name.startswith("visual.") and "merger" not in name and "pos_embed" not in name:
+        if train.is_vision_tower(name) and name != "visual.pos_embed.weight":
             assert torch.equal(p, Qwen3VL.initial_value(name, p.shape, 0)), name
 
 
