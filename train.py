@@ -39,8 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from model import PRESETS, Qwen3VL, Qwen3VLConfig, read_hf_config
 from rope import rope_index
@@ -97,6 +96,8 @@ def get_parser():
     p.add_argument("--dtype", default="auto", help="compute dtype: bfloat16 or float32 (auto: bf16 on cuda)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--export_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the final Hugging Face export (bfloat16: half the size, as released checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_workers", type=int, default=0, help="processes that pack batches ahead (0: in the loop)")
     # the planner
@@ -398,9 +399,17 @@ def load_checkpoint(path, model, optimizer, rank):
         return json.load(f)["step"]
 
 
-def export_hf(model, tok, processor, path, rank):
-    """The trained model as a Hugging Face directory (gathering the shards on rank 0), with our tokenizer."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
+    """The trained model as a Hugging Face directory of `dtype` tensors, with our tokenizer. The shards are gathered
+    one tensor at a time and rank 0 keeps each only in `dtype`: its host memory holds the model once (an 8B export
+    in bf16: 16 GiB), never a full fp32 copy beside it."""
+    from torch.distributed.tensor import DTensor
+    sd = {}
+    for name, t in model.state_dict().items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()                                      # every rank takes part in each gather
+        if rank == 0:
+            sd[name.replace("_checkpoint_wrapped_module.", "")] = t.detach().to("cpu", dtype)
     if rank == 0:
         with torch.device("meta"):
             plain = Qwen3VL(model.cfg)
@@ -626,7 +635,7 @@ def main(argv=None):
             fill(model, Qwen3VL.checkpoint_tensors(model, args.init_from))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --init_from {args.init_from!r}: {e}") from e
-    else:                                      # (a resumed run overwrites this from its checkpoint below)
+    elif not resume:                           # (a resumed run loads every tensor from its checkpoint below)
         # every tensor at the reference's initializer_range except the ViT's position table: at 0.02 it is ~35x
         # below the patch features and the tokens cannot tell the LLM where they are (README: the toy run)
         stds = {"visual.pos_embed.weight": args.pos_embed_std}
@@ -723,8 +732,15 @@ def main(argv=None):
             log.write(json.dumps(metrics[-1]) + "\n")
         if step % args.log_every == 0 or step == 1:
             tps = tokens / dt
-            mfu = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}% | peak mem " \
-                  f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if peak else ""
+            mfu = ""
+            if peak:                           # the peak memory of every GPU (all ranks take part in the gather)
+                mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+                mems = [mem]
+                if distributed:
+                    mems = [torch.empty_like(mem) for _ in range(world_size)]
+                    dist.all_gather(mems, mem)
+                mfu = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}% | peak mem " \
+                      f"{'/'.join(f'{m.item():.1f}' for m in mems)} GiB"
             eta = (time.time() - t_start) / tokens_run * tokens * (total_steps - step)
             say(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_value:.4f} | lr {lr:.2e} | "
                 f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
@@ -734,7 +750,7 @@ def main(argv=None):
     # -- final: test evaluation, a Hugging Face export, one answer drawn on its image --
     scores, kinds, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast,
                                        args.max_new_tokens)
-    export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), rank)
+    export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), rank, getattr(torch, args.export_dtype))
     if rank == 0:
         say(f"\ntest ({args.test_samples} samples per task)   score   chance   by kind of question")
         for task, v in scores.items():

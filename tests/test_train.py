@@ -204,6 +204,22 @@ def test_pos_embed_std_sets_only_the_position_embedding(tmp_path):
             assert torch.equal(p, Qwen3VL.initial_value(name, p.shape, 0)), name
 
 
+def test_export_dtype_bfloat16(tmp_path):
+    """--export_dtype bfloat16 writes the export as bf16 tensors (half the bytes, as released checkpoints): the
+    config says so, and each tensor is the trained fp32 weight rounded (the ViT tower, untouched by one align step,
+    is its initial value rounded)."""
+    train.main(TINY + ["--stages", "align:1", "--eval_every", "0", "--export_dtype", "bfloat16",
+                       "--out_dir", str(tmp_path / "o")])
+    hf = tmp_path / "o" / "hf"
+    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = Qwen3VL.from_pretrained(hf)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, p in model.named_parameters():
+        if train.is_vision_tower(name):
+            std = 0.5 if name == "visual.pos_embed.weight" else 0.02
+            assert torch.equal(p, Qwen3VL.initial_value(name, p.shape, 0, std).to(torch.bfloat16)), name
+
+
 def test_unknown_config_key(tmp_path):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1e-3}))
