@@ -11,7 +11,8 @@ Stages (`--stages name:steps,...`, run in order):
     align     stage 0: only the mergers learn (ViT and LLM frozen), on image captions
     pretrain  stage 1: all weights, every task, next-token loss on every text token
     long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
-    sft       chat-formatted data, loss on the assistant's tokens only
+    sft       chat-formatted data, loss on the assistant's tokens only; the mix adds two-object attribute
+              questions (data/toyworld.py MIXES["sft"])
 
 Data: every row packs whole samples; attention never crosses samples (`document_ids`) and each sample's 3-D
 positions start at 0. Row r of the run is filled from its own range of the train split, so any rank can build
@@ -54,7 +55,7 @@ STAGES = {   # name -> task mix of the toy world, trainable part, tokens that ca
     "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1),
     "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1),
     "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2),
-    "sft": dict(mix="all", trainable="all", loss_on="assistant", seq_mult=1),
+    "sft": dict(mix="sft", trainable="all", loss_on="assistant", seq_mult=1),
 }
 
 
@@ -479,8 +480,8 @@ def plot(out_dir, metrics, stage_list):
     if evals:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for i, task in enumerate(TASKS):
-            c = f"C{i % 10}"
-            ax.plot([m["step"] for m in evals], [m["eval"][task] for m in evals], marker="o", ms=3, color=c, label=task)
+            c, style = f"C{i % 10}", dict(marker="o", ls="-") if i < 10 else dict(marker="s", ls="--")  # 10 colours
+            ax.plot([m["step"] for m in evals], [m["eval"][task] for m in evals], ms=3, color=c, label=task, **style)
             ax.axhline(TASKS[task].chance, color=c, ls=":", lw=0.8)
         ax.set(xlabel="step", ylabel="validation score", ylim=(0, 1.02), title="per-task score (dotted: chance)")
         ax.legend(fontsize=7, ncol=2, loc="upper left")

@@ -9,6 +9,7 @@ answers. Yet every part of the model gets work:
 
     caption    "Describe the image."                  -> "A red circle and a blue square."
     attribute  "What color is the circle?"            -> "red"
+    binding    the same about two objects: "What color is the square?" -> "blue" (weighted up in SFT)
     count      "How many triangles are there?"        -> "3"
     bbox       "Locate the red circle ... JSON ..."   -> {"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}
     point      "Point to the red circle ... JSON ..." -> {"point_2d": [x, y], "label": "red circle"}
@@ -261,9 +262,10 @@ def make_caption(rng, size):
                 scenes=[scene(objects, word)])
 
 
-def make_attribute(rng, size):
-    # One or two objects with different shapes and different colours, so each question has one answer.
-    n = rng.randint(1, 2)
+def make_attribute(rng, size, n=None):
+    # One or two objects (n: always that many) with different shapes and different colours, so each question has
+    # one answer.
+    n = n or rng.randint(1, 2)
     shapes, colors = rng.sample(SHAPES, n), rng.sample(COLOR_NAMES, n)
     objects = place(rng, [new_object(rng, s, c) for s, c in zip(shapes, colors)], size)
     target = objects[0]
@@ -272,6 +274,12 @@ def make_attribute(rng, size):
     else:
         kind, question, answer = "shape", f"What shape is the {target['color']} object?", target["shape"]
     return dict(kind=kind, question=question, answer=answer, scenes=[scene(objects)])
+
+
+def make_binding(rng, size):
+    # Attribute questions about two objects only: the colour must be found by the shape ("What color is the
+    # square?") and the shape by the colour, i.e. each colour bound to its shape (weighted up in the SFT mix).
+    return make_attribute(rng, size, n=2)
 
 
 def counting_scene(rng, size, k, kind, key):
@@ -552,6 +560,7 @@ def _majority(values):
 TASKS = {t.name: t for t in [
     Task("caption", make_caption, score_caption, chance=0.17),  # naming all 20 coloured shapes, every time
     Task("attribute", make_attribute, score_exact, chance=(1 / len(COLORS) + 1 / len(SHAPES)) / 2),
+    Task("binding", make_binding, score_exact, chance=(1 / len(COLORS) + 1 / len(SHAPES)) / 2),
     Task("count", make_count, score_number, chance=1 / 4),  # the count is uniform over 1..4 for every kind
     Task("bbox", make_bbox, score_bbox, chance=0.13),  # a box of 25% of the side in a corner cell
     Task("point", make_point, score_point, chance=0.13),  # the pixel most often covered (near a cell's centre)
@@ -568,10 +577,15 @@ TASKS = {t.name: t for t in [
 ]}
 
 # Task mixtures for the training stages (weights, not necessarily summing to one).
+ALL = {t: 1.0 for t in TASKS if t != "binding"}
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
-    "all": {t: 1.0 for t in TASKS},  # stage 1 and SFT: everything, text-only included
-    "long": {t: 3.0 if t in ("video", "compare") else 1.0 for t in TASKS},  # stage 2: more of the long samples
+    "all": ALL,  # stage 1: every task (two-object attribute questions are part of "attribute"), text-only included
+    "long": {t: 3.0 if t in ("video", "compare") else 1.0 for t in ALL},  # stage 2: more of the long samples
+    # SFT: the same, plus three parts of two-object attribute questions. After pretraining the model answers
+    # "What color is the square?" with either object's colour (README: the toy run); these questions teach
+    # finding an object by its shape, which the captions never ask for ("a red circle" looks up by colour).
+    "sft": {**ALL, "binding": 3.0},
 }
 
 

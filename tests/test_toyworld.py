@@ -155,7 +155,23 @@ def test_render_false_keeps_the_text_and_skips_the_pixels(world):
 def test_mixes(world):
     assert {world.sample("train", i, mix=MIXES["align"])["task"] for i in range(100)} == {"caption"}
     counts = Counter(world.sample("train", i, render=False)["task"] for i in range(2000))
-    assert set(counts) == set(TASKS) and min(counts.values()) > 150  # uniform: 200 each expected
+    assert set(counts) == set(TASKS) - {"binding"} and min(counts.values()) > 150  # uniform: 200 each expected
+    sft = Counter(world.sample("train", i, mix=MIXES["sft"], render=False)["task"] for i in range(2600))
+    assert set(sft) == set(TASKS) and 500 < sft["binding"] < 700 and min(sft.values()) > 150   # 600 and 200
+
+
+def test_binding_questions_name_one_of_two_objects(world):
+    """A binding sample shows two objects of different shapes and colours and asks about one of them: its colour
+    by its shape or its shape by its colour; both kinds come up."""
+    kinds = Counter()
+    for i in range(200):
+        s = world.sample("train", i, task="binding", render=False)
+        objects = s["info"]["scenes"][0]["objects"]
+        assert len(objects) == 2 and len({o["shape"] for o in objects}) == len({o["color"] for o in objects}) == 2
+        asked = next(o for o in objects if o["shape"] in s["question"] or o["color"] in s["question"])
+        assert s["answer"] == asked["color" if s["kind"] == "color" else "shape"]
+        kinds[s["kind"]] += 1
+    assert 80 < kinds["color"] < 120
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +188,7 @@ def wrong_answer(s):
     if task == "caption":
         named = normalize(answer)
         return next(f"A {c} {s}." for c in COLOR_NAMES for s in SHAPES if f"{c} {s}" not in named)
-    if task == "attribute":
+    if task in ("attribute", "binding"):
         values = COLOR_NAMES if s["kind"] == "color" else SHAPES
         return next(v for v in values if v != answer)
     if task == "bbox":
@@ -226,7 +242,7 @@ def test_scores_tolerate_harmless_variation(world):
 # Chance levels are what the generator's distribution implies
 
 
-@pytest.mark.parametrize("task", ["attribute", "count", "ocr", "compare", "video", "think", "text"])
+@pytest.mark.parametrize("task", ["attribute", "binding", "count", "ocr", "compare", "video", "think", "text"])
 def test_chance_is_the_majority_answer_of_each_kind(world, task):
     """For tasks with a small answer space: the best constant answer per question kind."""
     n = 2000
@@ -271,7 +287,8 @@ def test_point_chance(world):
 # The pixels show what the text says
 
 
-@pytest.mark.parametrize("task", ["caption", "attribute", "count", "bbox", "point", "ocr", "compare", "think"])
+@pytest.mark.parametrize("task", ["caption", "attribute", "binding", "count", "bbox", "point", "ocr", "compare",
+                                  "think"])
 def test_images_show_exactly_the_scene(world, task):
     for i in range(25):
         s = world.sample("test", i, task=task)
