@@ -266,10 +266,15 @@ def fill(model, tensors):
         p.copy_(t)
 
 
+def plain_name(key):
+    """A parameter's name without the prefix activation checkpointing adds to its block."""
+    return key.replace("_checkpoint_wrapped_module.", "")
+
+
 def _find(params, name):
     """A parameter by its plain name, also when activation checkpointing wrapped its block."""
     for key, p in params.items():
-        if key.replace("_checkpoint_wrapped_module.", "") == name:
+        if plain_name(key) == name:
             return p
     raise KeyError(name)
 
@@ -410,7 +415,7 @@ def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
         if isinstance(t, DTensor):
             t = t.full_tensor()                                      # every rank takes part in each gather
         if rank == 0:
-            sd[name.replace("_checkpoint_wrapped_module.", "")] = t.detach().to("cpu", dtype)
+            sd[plain_name(name)] = t.detach().to("cpu", dtype)
     if rank == 0:
         with torch.device("meta"):
             plain = Qwen3VL(model.cfg)
@@ -733,18 +738,18 @@ def main(argv=None):
             log.write(json.dumps(metrics[-1]) + "\n")
         if step % args.log_every == 0 or step == 1:
             tps = tokens / dt
-            mfu = ""
+            gpu_stats = ""
             if peak:                           # the peak memory of every GPU (all ranks take part in the gather)
                 mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
                 mems = [mem]
                 if distributed:
                     mems = [torch.empty_like(mem) for _ in range(world_size)]
                     dist.all_gather(mems, mem)
-                mfu = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}% | peak mem " \
-                      f"{'/'.join(f'{m.item():.1f}' for m in mems)} GiB"
+                gpu_stats = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}% | peak mem " \
+                            f"{'/'.join(f'{m.item():.1f}' for m in mems)} GiB"
             eta = (time.time() - t_start) / tokens_run * tokens * (total_steps - step)
             say(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min", flush=True)
+                f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{gpu_stats} | ETA {eta / 60:.1f} min", flush=True)
     if rank == 0:
         log.close()
 
