@@ -9,17 +9,19 @@ Train Qwen3-VL: the paper's recipe as settings of one training loop (Qwen3-VL Te
 
 Stages (`--stages name:steps,...`, run in order):
     align     stage 0: only the mergers learn (ViT and LLM frozen), on image captions
-    pretrain  stage 1: all weights, every task, next-token loss on every text token
+    pretrain  stage 1: all weights, every task but video, next-token loss on every text token
+    video     stage 1 continued: the same with videos added (twice as often as each other task)
     long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
     sft       chat-formatted data, loss on the assistant's tokens only; the mix adds two-object attribute
-              questions (data/toyworld.py MIXES["sft"])
+              questions (data/toyworld.py MIXES["sft"]); after other stages it restarts the learning rate
 
 Data: every row packs whole samples; attention never crosses samples (`document_ids`) and each sample's 3-D
 positions start at 0. Row r of the run is filled from its own range of the train split, so any rank can build
 any row: the data position is the step, and a run on N GPUs sees exactly the rows of a run on one.
-Optimisation: AdamW with decay groups, warmup + one cosine over the run, global-norm clipping, bf16 autocast (one GPU)
-or FSDP2 bf16 parameters with fp32 gradient reduction (torchrun), gradient accumulation. The loss of a step is
-the mean over all its target tokens, across micro-steps and ranks, so it does not depend on how it is split.
+Optimisation: AdamW with decay groups, warmup + one cosine over the run (SFT after other stages: its own, at
+--sft_lr_ratio x --lr), global-norm clipping, bf16 autocast (one GPU) or FSDP2 bf16 parameters with fp32 gradient
+reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens, across
+micro-steps and ranks, so it does not depend on how it is split.
 Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
 (resumable on any number of ranks), the step, the RNG states, the run settings and the tokenizer; it is written
 under a temporary name and then renamed, and out_dir/latest is replaced atomically, so a kill during a save
@@ -54,6 +56,7 @@ from tokenizer import Tokenizer
 STAGES = {   # name -> task mix of the toy world, trainable part, tokens that carry loss, row length multiplier
     "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1),
     "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1),
+    "video": dict(mix="video", trainable="all", loss_on="text", seq_mult=1),
     "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2),
     "sft": dict(mix="sft", trainable="all", loss_on="assistant", seq_mult=1),
 }
@@ -71,14 +74,17 @@ def get_parser():
                                                    "data/qwen.tiktoken for released ones)")
     # data
     p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
-    p.add_argument("--stages", default="align:240,pretrain:1080,long:140,sft:600", help="name:steps,... in order")
+    p.add_argument("--stages", default="align:240,pretrain:600,video:480,long:140,sft:600",
+                   help="name:steps,... in order")
     p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     # optimisation
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
-    p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run")
+    p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run (and of SFT's)")
+    p.add_argument("--sft_lr_ratio", type=float, default=0.5, help="an SFT stage after other stages restarts at "
+                   "this fraction of --lr with a cosine of its own (0: the run's one cosine goes on)")
     p.add_argument("--vision_lr_mult", type=float, default=0.1, help="the ViT's learning rate as a fraction of --lr")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
@@ -87,7 +93,7 @@ def get_parser():
     p.add_argument("--eval_every", type=int, default=400, help="steps between evaluations and checkpoints (0: end only)")
     p.add_argument("--eval_samples", type=int, default=24, help="validation samples per task")
     p.add_argument("--test_samples", type=int, default=64, help="test samples per task in the final evaluation")
-    p.add_argument("--max_new_tokens", type=int, default=40, help="longest answer generated in evaluation")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="longest answer generated in evaluation")
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--out_dir", default="out/toy")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
@@ -319,14 +325,26 @@ def make_optimizer(model, args, device):
     return optimizer
 
 
-def lr_at(step, total_steps, args):
-    """Linear warmup, then one cosine from the peak to min_lr_ratio * peak over the whole run: the stages change
-    the data, the loss and what is trainable, not the schedule (restarting at the peak undid what was learned)."""
-    warmup = min(args.warmup, max(1, total_steps // 10))
+def cosine(step, length, peak, args):
+    """Linear warmup, then a cosine from the peak to min_lr_ratio * peak at step `length`."""
+    warmup = min(args.warmup, max(1, length // 10))
     if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, length - warmup)
+    return peak * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_at(step, args):
+    """One cosine over the whole run at --lr: the stages change the data, the loss and what is trainable, not the
+    schedule (restarting at the peak between them undid what was learned). An SFT stage that follows other
+    stages starts a cosine of its own at sft_lr_ratio * --lr, as post-training is a run of its own in the paper
+    (0: the run's cosine goes on; README: the toy run)."""
+    names = [name for name, _ in args.stage_list]
+    total = sum(n for _, n in args.stage_list)
+    sft_start = sum(n for _, n in args.stage_list[:names.index("sft")]) if "sft" in names else total
+    if args.sft_lr_ratio > 0 and 0 < sft_start <= step:
+        return cosine(step - sft_start, total - sft_start, args.lr * args.sft_lr_ratio, args)
+    return cosine(step, total, args.lr, args)
 
 
 def stage_of(step, stage_list):
@@ -697,7 +715,7 @@ def main(argv=None):
 
         stage = stage_of(step, args.stage_list)
         set_trainable(model, STAGES[stage]["trainable"])
-        lr = lr_at(step, total_steps, args)
+        lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         t0 = time.time()

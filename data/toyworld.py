@@ -15,7 +15,8 @@ answers. Yet every part of the model gets work:
     point      "Point to the red circle ... JSON ..." -> {"point_2d": [x, y], "label": "red circle"}
     ocr        "What word is written in the image?"   -> "FISH"
     compare    two images: "Which image has more circles?" -> "The second image."
-    video      12 frames at 2 fps: "When does the red circle appear?" -> "2.0 seconds"
+    video      12 frames at 2 fps: "When does the red circle appear?" -> "<think>\n0.2 seconds: no. 1.2 seconds: no.
+               2.2 seconds: yes.\n</think>\n\n2.0 seconds" (each stamp checked in turn, up to the event)
     think      "How many circles and squares are there in total?" -> "<think>\n...\n</think>\n\n5"
     text       no image: "What is 3 + 4?" -> "7"
 
@@ -411,8 +412,14 @@ def make_video(rng, size):
     target = tracks[0]
     frame = target["appear"] if kind == "appear" else target["vanish"]
     verb = "appear" if kind == "appear" else "disappear"
+    # The reply first goes through the timestamps the model is shown, saying for each whether the object is
+    # there, and stops at the event (README: the toy run, "Video": answered directly, it stayed at chance).
+    checks = []
+    for slot, stamp in enumerate(video_timestamps()[:frame // EVENT_STRIDE + 1]):
+        seen = target["appear"] <= slot * EVENT_STRIDE < target["vanish"]
+        checks.append(f"{stamp:.1f} seconds: {'yes' if seen else 'no'}.")
     return dict(kind=kind, question=f"When does the {name(target)} {verb}?",
-                answer=f"{frame / VIDEO_FPS:.1f} seconds", tracks=tracks)
+                answer=f"<think>\n{' '.join(checks)}\n</think>\n\n{frame / VIDEO_FPS:.1f} seconds", tracks=tracks)
 
 
 def make_think(rng, size):
@@ -491,7 +498,7 @@ def score_number(prediction, sample):
 
 
 def score_time(prediction, sample):
-    truth, guess = first_number(sample["answer"]), first_number(prediction)
+    truth, guess = first_number(final_answer(sample["answer"])), first_number(final_answer(prediction))
     return float(guess is not None and abs(guess - truth) < TIME_TOLERANCE)
 
 
@@ -580,12 +587,16 @@ TASKS = {t.name: t for t in [
 ALL = {t: 1.0 for t in TASKS if t != "binding"}
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
-    "all": ALL,  # stage 1: every task (two-object attribute questions are part of "attribute"), text-only included
+    # stage 1 in two parts: first every task but video (two-object attribute questions are part of "attribute"),
+    # text-only included; then videos join, twice as often as the rest. With videos from the start, half the runs
+    # never learned to tell shapes apart (README: the toy run)
+    "all": {t: w for t, w in ALL.items() if t != "video"},
+    "video": {**ALL, "video": 2.0},
     "long": {t: 3.0 if t in ("video", "compare") else 1.0 for t in ALL},  # stage 2: more of the long samples
-    # SFT: the same, plus three parts of two-object attribute questions. After pretraining the model answers
-    # "What color is the square?" with either object's colour (README: the toy run); these questions teach
+    # SFT: every task, videos twice, plus three parts of two-object attribute questions. After pretraining the
+    # model answers "What color is the square?" with either object's colour (README: the toy run); these teach
     # finding an object by its shape, which the captions never ask for ("a red circle" looks up by colour).
-    "sft": {**ALL, "binding": 3.0},
+    "sft": {**ALL, "video": 2.0, "binding": 3.0},
 }
 
 
@@ -655,10 +666,10 @@ class ToyWorld:
         return path
 
     def text_corpus(self, n, split="train", mix=None):
-        """n representative texts (question + reply; for videos also the timestamps Qwen3-VL puts between
-        temporal patches, "<0.2 seconds>", ...) to train the tokenizer on. Renders nothing: fast."""
+        """n representative texts of every task (question + reply; for videos also the timestamps Qwen3-VL puts
+        between temporal patches, "<0.2 seconds>", ...) to train the tokenizer on. Renders nothing: fast."""
         for i in range(n):
-            s = self.sample(split, i, mix=mix, render=False)
+            s = self.sample(split, i, mix=mix or ALL, render=False)
             stamps = "".join(f"<{t:.1f} seconds>" for t in video_timestamps()) if "tracks" in s["info"] else ""
             yield stamps + s["question"] + "\n" + s["answer"]
 

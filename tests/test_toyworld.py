@@ -13,8 +13,9 @@ import av
 import numpy as np
 import pytest
 
-from data.toyworld import (BACKGROUND, COLOR_NAMES, COLORS, MIXES, PLURAL, SHAPES, SPLITS, TASKS, VIDEO_FPS,
-                           VIDEO_FRAMES, WORDS, ToyWorld, final_answer, json_list, normalize, object_mask, score)
+from data.toyworld import (BACKGROUND, COLOR_NAMES, COLORS, EVENT_STRIDE, MIXES, PLURAL, SHAPES, SPLITS, TASKS,
+                           VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld, final_answer, json_list, normalize, object_mask,
+                           score, video_timestamps)
 
 SIZE = 96
 
@@ -154,10 +155,13 @@ def test_render_false_keeps_the_text_and_skips_the_pixels(world):
 
 def test_mixes(world):
     assert {world.sample("train", i, mix=MIXES["align"])["task"] for i in range(100)} == {"caption"}
-    counts = Counter(world.sample("train", i, render=False)["task"] for i in range(2000))
-    assert set(counts) == set(TASKS) - {"binding"} and min(counts.values()) > 150  # uniform: 200 each expected
-    sft = Counter(world.sample("train", i, mix=MIXES["sft"], render=False)["task"] for i in range(2600))
-    assert set(sft) == set(TASKS) and 500 < sft["binding"] < 700 and min(sft.values()) > 150   # 600 and 200
+    counts = Counter(world.sample("train", i, render=False)["task"] for i in range(1800))
+    assert set(counts) == set(TASKS) - {"binding", "video"} and min(counts.values()) > 150  # uniform: 200 each
+    video = Counter(world.sample("train", i, mix=MIXES["video"], render=False)["task"] for i in range(2200))
+    assert set(video) == set(TASKS) - {"binding"} and 330 < video["video"] < 470 and min(video.values()) > 150
+    sft = Counter(world.sample("train", i, mix=MIXES["sft"], render=False)["task"] for i in range(2800))
+    assert set(sft) == set(TASKS) and 500 < sft["binding"] < 700 and 330 < sft["video"] < 470  # 600, 400, 200
+    assert min(sft.values()) > 150
 
 
 def test_binding_questions_name_one_of_two_objects(world):
@@ -203,7 +207,7 @@ def wrong_answer(s):
         return {"The first image.": "The second image.", "The second image.": "The first image.",
                 "Yes.": "No.", "No.": "Yes."}[answer]
     if task == "video":
-        t = float(answer.split()[0])
+        t = float(final_answer(answer).split()[0])
         return f"{t + 1 if t < 3 else t - 1:.1f} seconds"
     raise AssertionError(task)
 
@@ -229,8 +233,9 @@ def test_scores_tolerate_harmless_variation(world):
     s = world.sample("val", 0, task="think", render=False)
     assert score(final_answer(s["answer"]), s) == 1.0  # the reasoning is not graded
     s = world.sample("val", 0, task="video", render=False)
-    t = float(s["answer"].split()[0])
+    t = float(final_answer(s["answer"]).split()[0])
     assert score(f"{t + 0.25} seconds", s) == 1.0 and score(f"{t + 0.5} seconds", s) == 0.0
+    assert score(f"<think>\n{t + 1} seconds: yes.\n</think>\n\n{t} seconds", s) == 1.0  # the checks are not graded
     s = world.sample("val", 0, task="bbox", render=False)
     x1, y1, x2, y2 = json_list("bbox_2d", s["answer"])
     assert score(f'```json\n[{{"bbox_2d": [{x1 + 20}, {y1 - 20}, {x2 + 20}, {y2}]}}]\n```', s) == 1.0
@@ -350,7 +355,7 @@ def test_video_object_appears_and_vanishes_at_the_stated_time(world):
 
         color, shape = s["question"].split(" the ")[1].split()[:2]
         track = next(t for t in s["info"]["tracks"] if (t["color"], t["shape"]) == (color, shape))
-        frame = round(float(s["answer"].split()[0]) * VIDEO_FPS)  # the stated time, as a frame index
+        frame = round(float(final_answer(s["answer"]).split()[0]) * VIDEO_FPS)  # the stated time, as a frame index
         visible_from, gone_from = (frame, None) if s["kind"] == "appear" else (None, frame)
 
         def shows(f, at):
@@ -366,6 +371,29 @@ def test_video_object_appears_and_vanishes_at_the_stated_time(world):
         else:
             assert shows(frame - 1, frame - 1)
             assert not shows(frame, frame - 1)
+
+
+def test_video_reply_checks_each_timestamp_up_to_the_event(world):
+    """The reasoning names the timestamps the model is shown, in order, each with whether the asked object is
+    visible in that temporal patch, and stops at the event: the first "yes" (appear) or the first "no" after the
+    object was seen (disappear); the answer is that patch's start time."""
+    stamps, kinds = video_timestamps(), Counter()
+    for i in range(200):
+        s = world.sample("train", i, task="video", render=False)
+        target = s["info"]["tracks"][0]
+        thought = s["answer"].split("<think>\n")[1].split("\n</think>")[0]
+        checks = [c.split(" seconds: ") for c in thought.rstrip(".").split(". ")]
+        assert [float(t) for t, _ in checks] == [float(f"{t:.1f}") for t in stamps[:len(checks)]]
+        seen = [target["appear"] <= k * EVENT_STRIDE < target["vanish"] for k in range(len(checks))]
+        assert [v for _, v in checks] == ["yes" if x else "no" for x in seen]
+        event = len(checks) - 1
+        if s["kind"] == "appear":
+            assert seen[event] and not any(seen[:event])
+        else:
+            assert not seen[event] and seen[event - 1]
+        assert float(final_answer(s["answer"]).split()[0]) == event * EVENT_STRIDE / VIDEO_FPS
+        kinds[s["kind"], len(checks)] += 1
+    assert len(kinds) == 2 * (len(stamps) - 1)  # appear at 0-4 s, disappear at 1-5 s: every length comes up
 
 
 def test_video_files_are_cached_by_content(world):

@@ -110,6 +110,21 @@ def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
     assert scores["compare"] == pytest.approx(kind_of.count("more") / 12)
 
 
+def test_lr_schedule_restarts_for_sft_only_after_other_stages():
+    """One warmup + cosine over the run; an SFT stage after other stages restarts at sft_lr_ratio * lr (warmup,
+    then its own cosine to min_lr_ratio of that), and the steps before it are as without the restart."""
+    a = train.parse_args(["--stages", "pretrain:100,sft:50", "--lr", "1e-3", "--warmup", "5", "--min_lr_ratio", "0.1"])
+    b = train.parse_args(["--stages", "pretrain:100,sft:50", "--lr", "1e-3", "--warmup", "5", "--min_lr_ratio", "0.1",
+                          "--sft_lr_ratio", "0"])
+    assert [train.lr_at(s, a) for s in range(100)] == [train.lr_at(s, b) for s in range(100)]
+    assert train.lr_at(4, a) == pytest.approx(1e-3) and train.lr_at(149, b) == pytest.approx(1e-4, rel=0.01)
+    assert train.lr_at(100, a) == pytest.approx(0.5e-3 / 5) and train.lr_at(104, a) == pytest.approx(0.5e-3)
+    assert train.lr_at(149, a) == pytest.approx(0.5e-4, rel=0.02)
+    assert 0 < train.lr_at(99, b) - train.lr_at(100, b) < 2e-5  # no restart: the cosine goes on
+    c = train.parse_args(["--stages", "sft:50", "--lr", "1e-5", "--warmup", "5"])  # SFT alone: --lr, not a fraction
+    assert max(train.lr_at(s, c) for s in range(50)) == pytest.approx(1e-5)
+
+
 def test_resume_gives_the_same_loss_curve(tmp_path):
     """Stop (SIGKILL) a run right after its first checkpoint, resume it: bitwise the uninterrupted run's losses."""
     args = TINY + ["--stages", "align:2,pretrain:4,sft:2", "--eval_every", "2"]
