@@ -413,7 +413,7 @@ def make_video(rng, size):
     frame = target["appear"] if kind == "appear" else target["vanish"]
     verb = "appear" if kind == "appear" else "disappear"
     # The reply first goes through the timestamps the model is shown, saying for each whether the object is
-    # there, and stops at the event (README: the toy run, "Video": answered directly, it stayed at chance).
+    # there, and stops at the event (README, the toy run, item 5: answered directly, video stayed at chance).
     checks = []
     for slot, stamp in enumerate(video_timestamps()[:frame // EVENT_STRIDE + 1]):
         seen = target["appear"] <= slot * EVENT_STRIDE < target["vanish"]
