@@ -12,15 +12,17 @@ Stages (`--stages name:steps,...`, run in order):
     pretrain  stage 1: all weights, every task but video, next-token loss on every text token
     video     stage 1 continued: the same with videos added (twice as often as each other task)
     long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
+    binding   SFT's first part: two-object attribute questions ("What color is the square?") and videos
     sft       chat-formatted data, loss on the assistant's tokens only; the mix adds two-object attribute
-              questions (data/toyworld.py MIXES["sft"]); after other stages it restarts the learning rate
+              questions (data/toyworld.py MIXES["sft"]). After other stages the first of binding / sft
+              restarts the learning rate
 
 Data: every row packs whole samples; attention never crosses samples (`document_ids`) and each sample's 3-D
 positions start at 0. Row r of the run is filled from its own range of the train split, so any rank can build
 any row: the data position is the step, and a run on N GPUs sees exactly the rows of a run on one.
-Optimisation: AdamW with decay groups, warmup + one cosine over the run (SFT after other stages: its own, at
---sft_lr_ratio x --lr), global-norm clipping, bf16 autocast (one GPU) or FSDP2 bf16 parameters with fp32 gradient
-reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens, across
+Optimisation: AdamW with decay groups, warmup + one cosine over the run (post-training after other stages: its
+own, at --sft_lr_ratio x --lr), global-norm clipping, bf16 autocast (one GPU) or FSDP2 bf16 parameters with fp32
+gradient reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens, across
 micro-steps and ranks, so it does not depend on how it is split.
 Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
 (resumable on any number of ranks), the step, the RNG states, the run settings and the tokenizer; it is written
@@ -53,12 +55,14 @@ from tokenizer import Tokenizer
 # ----------------------------------------------------------------------------------------------------------
 # Run settings
 
-STAGES = {   # name -> task mix of the toy world, trainable part, tokens that carry loss, row length multiplier
-    "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1),
-    "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1),
-    "video": dict(mix="video", trainable="all", loss_on="text", seq_mult=1),
-    "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2),
-    "sft": dict(mix="sft", trainable="all", loss_on="assistant", seq_mult=1),
+STAGES = {   # name -> task mix of the toy world, trainable part, tokens that carry loss, row length multiplier,
+             # and whether it is post-training (SFT: the learning rate restarts at the first such stage, lr_at)
+    "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1, post=False),
+    "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1, post=False),
+    "video": dict(mix="video", trainable="all", loss_on="text", seq_mult=1, post=False),
+    "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2, post=False),
+    "binding": dict(mix="binding", trainable="all", loss_on="assistant", seq_mult=1, post=True),
+    "sft": dict(mix="sft", trainable="all", loss_on="assistant", seq_mult=1, post=True),
 }
 
 
@@ -74,7 +78,7 @@ def get_parser():
                                                    "data/qwen.tiktoken for released ones)")
     # data
     p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
-    p.add_argument("--stages", default="align:240,pretrain:600,video:480,long:140,sft:600",
+    p.add_argument("--stages", default="align:240,pretrain:600,video:480,long:140,binding:120,sft:480",
                    help="name:steps,... in order")
     p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
@@ -83,8 +87,8 @@ def get_parser():
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run (and of SFT's)")
-    p.add_argument("--sft_lr_ratio", type=float, default=0.5, help="an SFT stage after other stages restarts at "
-                   "this fraction of --lr with a cosine of its own (0: the run's one cosine goes on)")
+    p.add_argument("--sft_lr_ratio", type=float, default=0.5, help="post-training (binding, sft) after other stages "
+                   "restarts at this fraction of --lr with a cosine of its own (0: the run's one cosine goes on)")
     p.add_argument("--vision_lr_mult", type=float, default=0.1, help="the ViT's learning rate as a fraction of --lr")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
@@ -336,12 +340,12 @@ def cosine(step, length, peak, args):
 
 def lr_at(step, args):
     """One cosine over the whole run at --lr: the stages change the data, the loss and what is trainable, not the
-    schedule (restarting at the peak between them undid what was learned). An SFT stage that follows other
-    stages starts a cosine of its own at sft_lr_ratio * --lr, as post-training is a run of its own in the paper
-    (0: the run's cosine goes on; README: the toy run)."""
-    names = [name for name, _ in args.stage_list]
+    schedule (restarting at the peak between them undid what was learned). Post-training (binding, sft) that
+    follows other stages starts a cosine of its own at sft_lr_ratio * --lr, as post-training is a run of its
+    own in the paper (0: the run's cosine goes on; README: the toy run)."""
+    post = [STAGES[name]["post"] for name, _ in args.stage_list]
     total = sum(n for _, n in args.stage_list)
-    sft_start = sum(n for _, n in args.stage_list[:names.index("sft")]) if "sft" in names else total
+    sft_start = sum(n for _, n in args.stage_list[:post.index(True)]) if True in post else total
     if args.sft_lr_ratio > 0 and 0 < sft_start <= step:
         return cosine(step - sft_start, total - sft_start, args.lr * args.sft_lr_ratio, args)
     return cosine(step, total, args.lr, args)
@@ -454,8 +458,8 @@ def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
 @torch.no_grad()
 def evaluate(model, processor, world, split, n_per_task, device, autocast, max_new_tokens, batch_size=64):
     """Greedy answers to n_per_task samples of every task: ({task: mean score}, {task: {kind: mean score}},
-    {task: (sample, reply)}); a task's kinds are its question families (attribute: color / shape, compare: more /
-    same_color / same_shape, ...), so a task score near chance can be told apart from one failing kind.
+    {task: (sample, reply)}); a task's kinds are its question families (attribute: color / shape, compare: shape /
+    color / all, ...), so a task score near chance can be told apart from one failing kind.
     Every rank runs the same batches (identical greedy decodes keep FSDP's collectives in step)."""
     from data.toyworld import TASKS
     from sample import generate

@@ -9,12 +9,12 @@ answers. Yet every part of the model gets work:
 
     caption    "Describe the image."                  -> "A red circle and a blue square."
     attribute  "What color is the circle?"            -> "red"
-    binding    the same about two objects: "What color is the square?" -> "blue" (weighted up in SFT)
+    binding    the same about two objects: "What color is the square?" -> "blue" (SFT's first stage)
     count      "How many triangles are there?"        -> "3"
     bbox       "Locate the red circle ... JSON ..."   -> {"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}
     point      "Point to the red circle ... JSON ..." -> {"point_2d": [x, y], "label": "red circle"}
     ocr        "What word is written in the image?"   -> "FISH"
-    compare    two images: "Which image has more circles?" -> "The second image."
+    compare    two images: "Which image has more circles?" (or red shapes, or shapes) -> "The second image."
     video      12 frames at 2 fps: "When does the red circle appear?" -> "<think>\n0.2 seconds: no. 1.2 seconds: no.
                2.2 seconds: yes.\n</think>\n\n2.0 seconds" (each stamp checked in turn, up to the event)
     think      "How many circles and squares are there in total?" -> "<think>\n...\n</think>\n\n5"
@@ -302,17 +302,17 @@ def counting_scene(rng, size, k, kind, key):
     return place(rng, objects, size)
 
 
+def counted(kind, key):
+    """What a counting question counts: "circles", "red shapes" or "shapes" (see counting_scene)."""
+    return PLURAL[key] if kind == "shape" else f"{key} shapes" if kind == "color" else "shapes"
+
+
 def make_count(rng, size):
     kind, k = rng.choice(["shape", "color", "all"]), rng.randint(1, 4)
     key = rng.choice(SHAPES if kind == "shape" else COLOR_NAMES)  # unused when counting all shapes
     objects = counting_scene(rng, size, k, kind, key)
-    if kind == "shape":
-        question = f"How many {PLURAL[key]} are there?"
-    elif kind == "color":
-        question = f"How many {key} shapes are there?"
-    else:
-        question = "How many shapes are there?"
-    return dict(kind=kind, question=question, answer=str(k), scenes=[scene(objects)])
+    return dict(kind=kind, question=f"How many {counted(kind, key)} are there?", answer=str(k),
+                scenes=[scene(objects)])
 
 
 def grounding_scene(rng, size):
@@ -349,28 +349,15 @@ def make_ocr(rng, size):
 
 
 def make_compare(rng, size):
-    kind = rng.choice(["more", "same_color", "same_shape"])
-    if kind == "more":  # different numbers of one shape, plus maybe a distractor of another shape
-        shape = rng.choice(SHAPES)
-        counts = rng.sample(range(1, 5), 2)
-        scenes = [scene(counting_scene(rng, size, k, "shape", shape)) for k in counts]
-        question = f"Which image has more {PLURAL[shape]}?"
-        answer = "The first image." if counts[0] > counts[1] else "The second image."
-    else:  # one object per image; the asked attribute is the same half of the time
-        attr = kind.removeprefix("same_")
-        same = rng.random() < 0.5
-        values = list(COLOR_NAMES if attr == "color" else SHAPES)
-        first = rng.choice(values)
-        second = first if same else rng.choice([v for v in values if v != first])
-        scenes = []
-        for value in (first, second):
-            shape = value if attr == "shape" else rng.choice(SHAPES)
-            color = value if attr == "color" else rng.choice(COLOR_NAMES)
-            scenes.append(scene(place(rng, [new_object(rng, shape, color)], size)))
-        question = {"color": "Are the shapes in the two images the same color?",
-                    "shape": "Do the two images show the same kind of shape?"}[attr]
-        answer = "Yes." if same else "No."
-    return dict(kind=kind, question=question, answer=answer, scenes=scenes)
+    # Which of two images has more of something: of one shape, of one colour, or of all shapes. The counts differ
+    # (1 to 4); the "shape" and "color" scenes may add up to two other objects. Questions that compare one
+    # attribute ("Are the shapes in the two images the same color?", "Which image shows a red shape?") stayed at
+    # chance in every toy run, with or without naming each image first (README: the toy run).
+    kind, counts = rng.choice(["shape", "color", "all"]), rng.sample(range(1, 5), 2)
+    key = rng.choice(SHAPES if kind == "shape" else COLOR_NAMES)  # unused when counting all shapes
+    scenes = [scene(counting_scene(rng, size, k, kind, key)) for k in counts]
+    answer = "The first image." if counts[0] > counts[1] else "The second image."
+    return dict(kind=kind, question=f"Which image has more {counted(kind, key)}?", answer=answer, scenes=scenes)
 
 
 def make_video(rng, size):
@@ -572,7 +559,7 @@ TASKS = {t.name: t for t in [
     Task("bbox", make_bbox, score_bbox, chance=0.13),  # a box of 25% of the side in a corner cell
     Task("point", make_point, score_point, chance=0.13),  # the pixel most often covered (near a cell's centre)
     Task("ocr", make_ocr, score_exact, chance=1 / len(WORDS)),
-    Task("compare", make_compare, score_exact, chance=1 / 2),  # every kind is a balanced yes/no or first/second
+    Task("compare", make_compare, score_exact, chance=1 / 2),  # first or second, balanced in every kind
     Task("video", make_video, score_time, chance=1 / (SLOTS - 1)),  # event slots are uniform over SLOTS - 1 values
     Task("think", make_think, score_number, chance=(1 / 5 + 1 / 3) / 2),  # sum uniform on 2..6, diff on 1..3
     Task("text", make_text, score_exact, visual=False, chance=(
@@ -589,13 +576,15 @@ MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
     # stage 1 in two parts: first every task but video (two-object attribute questions are part of "attribute"),
     # text-only included; then videos join, twice as often as the rest. With videos from the start, half the runs
-    # never learned to tell shapes apart (README: the toy run)
+    # never learned to tell shapes apart; without them one in four GPU runs still did not (README: the toy run)
     "all": {t: w for t, w in ALL.items() if t != "video"},
     "video": {**ALL, "video": 2.0},
     "long": {t: 3.0 if t in ("video", "compare") else 1.0 for t in ALL},  # stage 2: more of the long samples
-    # SFT: every task, videos twice, plus three parts of two-object attribute questions. After pretraining the
-    # model answers "What color is the square?" with either object's colour (README: the toy run); these teach
-    # finding an object by its shape, which the captions never ask for ("a red circle" looks up by colour).
+    # SFT starts on two-object attribute questions and videos, then mixes every task, videos twice and three parts
+    # of those questions. After pretraining the model answers "What color is the square?" with either object's
+    # colour (README: the toy run); these teach finding an object by its shape, which the captions never ask for
+    # ("a red circle" looks up by colour). Without the videos the timestamp checks faded meanwhile.
+    "binding": {"binding": 1.0, "video": 1.0},
     "sft": {**ALL, "video": 2.0, "binding": 3.0},
 }
 

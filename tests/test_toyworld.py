@@ -162,6 +162,8 @@ def test_mixes(world):
     sft = Counter(world.sample("train", i, mix=MIXES["sft"], render=False)["task"] for i in range(2800))
     assert set(sft) == set(TASKS) and 500 < sft["binding"] < 700 and 330 < sft["video"] < 470  # 600, 400, 200
     assert min(sft.values()) > 150
+    binding = Counter(world.sample("train", i, mix=MIXES["binding"], render=False)["task"] for i in range(400))
+    assert set(binding) == {"binding", "video"} and 150 < binding["binding"] < 250  # 200 of 400
 
 
 def test_binding_questions_name_one_of_two_objects(world):
@@ -204,8 +206,7 @@ def wrong_answer(s):
     if task == "ocr":
         return next(w for w in WORDS if w != answer)
     if task == "compare":
-        return {"The first image.": "The second image.", "The second image.": "The first image.",
-                "Yes.": "No.", "No.": "Yes."}[answer]
+        return {"The first image.": "The second image.", "The second image.": "The first image."}[answer]
     if task == "video":
         t = float(final_answer(answer).split()[0])
         return f"{t + 1 if t < 3 else t - 1:.1f} seconds"
@@ -326,20 +327,25 @@ def test_boxes_and_points_match_the_drawn_object(world):
 
 
 def test_compare_images_differ_as_the_answer_says(world):
+    """Counted from the pixels: the image the answer names has more of what is asked (one shape, one colour,
+    or any shape), and every kind of question comes up."""
+    kinds = Counter()
     for i in range(60):
         s = world.sample("test", i, task="compare")
-        first, second = images(s)
-        objs = [matched_objects(img, scene) for img, scene in zip((first, second), s["info"]["scenes"])]
-        if s["kind"] == "more":
+        objs = [matched_objects(img, scene) for img, scene in zip(images(s), s["info"]["scenes"])]
+        if s["kind"] == "shape":
             shape = next(sh for sh in SHAPES if s["question"].endswith(f" {PLURAL[sh]}?"))
             counts = [sum(o["shape"] == shape for o in found) for found in objs]
-            assert counts[0] != counts[1]
-            assert s["answer"] == ("The first image." if counts[0] > counts[1] else "The second image.")
+        elif s["kind"] == "color":
+            color = next(c for c in COLOR_NAMES if s["question"].endswith(f" {c} shapes?"))
+            counts = [sum(o["color"] == color for o in found) for found in objs]
         else:
-            foreground = [img[np.any(img != np.array(BACKGROUND, np.uint8), axis=-1)] for img in (first, second)]
-            colors = [Counter(map(tuple, pixels)).most_common(1)[0][0] for pixels in foreground]
-            same = colors[0] == colors[1] if s["kind"] == "same_color" else objs[0][0]["shape"] == objs[1][0]["shape"]
-            assert s["answer"] == ("Yes." if same else "No.")
+            assert s["question"] == "Which image has more shapes?"
+            counts = [len(found) for found in objs]
+        assert counts[0] != counts[1]
+        assert s["answer"] == ("The first image." if counts[0] > counts[1] else "The second image.")
+        kinds[s["kind"]] += 1
+    assert set(kinds) == {"shape", "color", "all"}
 
 
 def test_video_object_appears_and_vanishes_at_the_stated_time(world):

@@ -85,8 +85,8 @@ def test_rows_are_a_function_of_their_number(toy):
 
 
 def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
-    """A stand-in for generation that answers only "Which image has more ...?" right: the compare task's score is
-    the share of those questions and its kinds read 1 for "more", 0 for the yes/no ones."""
+    """A stand-in for generation that answers only "Which image has more <shape>?" right: the compare task's
+    score is the share of those questions and its kinds read 1 for "shape", 0 for the colour and all-shape ones."""
     import sample
     world, tok, model, packer = toy
     samples = [world.sample("val", i, task="compare") for i in range(12)]      # what evaluate will ask, in order
@@ -96,7 +96,7 @@ def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
         replies = []
         for ids, s in zip(input_ids.tolist(), samples):
             assert s["question"] in tok.decode(ids)
-            replies.append(tok.encode(s["answer"] if s["kind"] == "more" else "Maybe."))
+            replies.append(tok.encode(s["answer"] if s["kind"] == "shape" else "Maybe."))
         width = max(map(len, replies))
         return torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in replies])
 
@@ -105,9 +105,9 @@ def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
     monkeypatch.setattr(toyworld, "TASKS", {"compare": toyworld.TASKS["compare"]})
     scores, kinds, _ = train.evaluate(model, packer.processor, world, "val", 12, "cpu", train.nullcontext(), 8)
     kind_of = [s["kind"] for s in samples]
-    assert set(kind_of) == {"more", "same_color", "same_shape"}
-    assert kinds["compare"] == {"more": 1.0, "same_color": 0.0, "same_shape": 0.0}
-    assert scores["compare"] == pytest.approx(kind_of.count("more") / 12)
+    assert set(kind_of) == {"shape", "color", "all"}
+    assert kinds["compare"] == {"shape": 1.0, "color": 0.0, "all": 0.0}
+    assert scores["compare"] == pytest.approx(kind_of.count("shape") / 12)
 
 
 def test_lr_schedule_restarts_for_sft_only_after_other_stages():
@@ -123,6 +123,9 @@ def test_lr_schedule_restarts_for_sft_only_after_other_stages():
     assert 0 < train.lr_at(99, b) - train.lr_at(100, b) < 2e-5  # no restart: the cosine goes on
     c = train.parse_args(["--stages", "sft:50", "--lr", "1e-5", "--warmup", "5"])  # SFT alone: --lr, not a fraction
     assert max(train.lr_at(s, c) for s in range(50)) == pytest.approx(1e-5)
+    d = train.parse_args(["--stages", "pretrain:100,binding:20,sft:30", "--lr", "1e-3", "--warmup", "5",
+                          "--min_lr_ratio", "0.1"])  # binding then sft: one post-training cosine from the binding
+    assert [train.lr_at(s, d) for s in range(100, 150)] == [train.lr_at(s, a) for s in range(100, 150)]
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):
