@@ -22,8 +22,8 @@ positions start at 0. Row r of the run is filled from its own range of the train
 any row: the data position is the step, and a run on N GPUs sees exactly the rows of a run on one.
 Optimisation: AdamW with decay groups, warmup + one cosine over the run (post-training after other stages: its
 own, at --sft_lr_ratio x --lr), global-norm clipping, bf16 autocast (one GPU) or FSDP2 bf16 parameters with fp32
-gradient reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens, across
-micro-steps and ranks, so it does not depend on how it is split.
+gradient reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens,
+across micro-steps and ranks, so it does not depend on how it is split.
 Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
 (resumable on any number of ranks), the step, the RNG states, the run settings and the tokenizer; it is written
 under a temporary name and then renamed, and out_dir/latest is replaced atomically, so a kill during a save
@@ -345,9 +345,9 @@ def lr_at(step, args):
     own in the paper (0: the run's cosine goes on; README: the toy run)."""
     post = [STAGES[name]["post"] for name, _ in args.stage_list]
     total = sum(n for _, n in args.stage_list)
-    sft_start = sum(n for _, n in args.stage_list[:post.index(True)]) if True in post else total
-    if args.sft_lr_ratio > 0 and 0 < sft_start <= step:
-        return cosine(step - sft_start, total - sft_start, args.lr * args.sft_lr_ratio, args)
+    post_start = sum(n for _, n in args.stage_list[:post.index(True)]) if True in post else total
+    if args.sft_lr_ratio > 0 and 0 < post_start <= step:
+        return cosine(step - post_start, total - post_start, args.lr * args.sft_lr_ratio, args)
     return cosine(step, total, args.lr, args)
 
 
