@@ -9,6 +9,7 @@ Train Qwen3-VL: the paper's recipe as settings of one training loop (Qwen3-VL Te
 
 Stages (`--stages name:steps,...`, run in order):
     align     stage 0: only the mergers learn (ViT and LLM frozen), on image captions
+    shapes    stage 1 opens: all weights, captions and attribute questions only (the names of the shapes)
     pretrain  stage 1: all weights, every task but video, next-token loss on every text token
     video     stage 1 continued: the same with videos added (twice as often as each other task)
     long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
@@ -58,6 +59,7 @@ from tokenizer import Tokenizer
 STAGES = {   # name -> task mix of the toy world, trainable part, tokens that carry loss, row length multiplier,
              # and whether it is post-training (SFT: the learning rate restarts at the first such stage, lr_at)
     "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1, post=False),
+    "shapes": dict(mix="shapes", trainable="all", loss_on="text", seq_mult=1, post=False),
     "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1, post=False),
     "video": dict(mix="video", trainable="all", loss_on="text", seq_mult=1, post=False),
     "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2, post=False),
@@ -78,7 +80,7 @@ def get_parser():
                                                    "data/qwen.tiktoken for released ones)")
     # data
     p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
-    p.add_argument("--stages", default="align:240,pretrain:600,video:480,long:140,binding:120,sft:480",
+    p.add_argument("--stages", default="align:240,shapes:160,pretrain:440,video:480,long:140,binding:120,sft:480",
                    help="name:steps,... in order")
     p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")

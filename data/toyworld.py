@@ -8,8 +8,10 @@ five saturated colours on a dark background, words from a vocabulary of sixteen,
 answers. Yet every part of the model gets work:
 
     caption    "Describe the image."                  -> "A red circle and a blue square."
-    attribute  "What color is the circle?"            -> "red"
-    binding    the same about two objects: "What color is the square?" -> "blue" (SFT's first stage)
+    attribute  "What shape is the red object?"        -> "circle"; a colour is looked up object by object:
+               "What color is the square?" -> "<think>\nThe red object is a circle. The blue object is a square.
+               \n</think>\n\nblue" (cell by cell, left to right, up to the square)
+    binding    the same about two objects only (SFT's first stage)
     count      "How many triangles are there?"        -> "3"
     bbox       "Locate the red circle ... JSON ..."   -> {"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}
     point      "Point to the red circle ... JSON ..." -> {"point_2d": [x, y], "label": "red circle"}
@@ -271,10 +273,19 @@ def make_attribute(rng, size, n=None):
     objects = place(rng, [new_object(rng, s, c) for s, c in zip(shapes, colors)], size)
     target = objects[0]
     if rng.random() < 0.5:
-        kind, question, answer = "color", f"What color is the {target['shape']}?", target["color"]
-    else:
-        kind, question, answer = "shape", f"What shape is the {target['color']} object?", target["shape"]
-    return dict(kind=kind, question=question, answer=answer, scenes=[scene(objects)])
+        return dict(kind="shape", question=f"What shape is the {target['color']} object?", answer=target["shape"],
+                    scenes=[scene(objects)])
+    # A colour by its shape: the reply names each object's shape by its colour, up to the one asked for, and answers
+    # with the last colour named; objects in the order of their cells, left to right, top to bottom in a column. Answered directly, "What color is the square?" with two objects
+    # stayed near 0.5 (either colour) in most runs, while "What shape is the red object?" was learned everywhere
+    # (README: the toy run): looking up by colour works, so the reply only ever does that.
+    checks = []
+    for o in sorted(objects, key=lambda o: ((o["x"] + o["d"] // 2) // CELL, (o["y"] + o["d"] // 2) // CELL)):
+        checks.append(f"The {o['color']} object is a {o['shape']}.")
+        if o is target:
+            break
+    return dict(kind="color", question=f"What color is the {target['shape']}?",
+                answer=f"<think>\n{' '.join(checks)}\n</think>\n\n{target['color']}", scenes=[scene(objects)])
 
 
 def make_binding(rng, size):
@@ -476,7 +487,7 @@ def json_list(key, text):
 
 
 def score_exact(prediction, sample):
-    return float(normalize(prediction) == normalize(sample["answer"]))
+    return float(normalize(final_answer(prediction)) == normalize(final_answer(sample["answer"])))
 
 
 def score_number(prediction, sample):
@@ -574,6 +585,9 @@ TASKS = {t.name: t for t in [
 ALL = {t: 1.0 for t in TASKS if t != "binding"}
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
+    # stage 1 opens on captions and attribute questions alone: the names of the shapes. Straight into the full mix,
+    # about one GPU run in four (and CPU seed 1) never told shapes apart by name, while it counted them fine
+    "shapes": {"caption": 1.0, "attribute": 1.0},
     # stage 1 in two parts: first every task but video (two-object attribute questions are part of "attribute"),
     # text-only included; then videos join, twice as often as the rest. With videos from the start, half the runs
     # never learned to tell shapes apart; without them one in four GPU runs still did not (README: the toy run)

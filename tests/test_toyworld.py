@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from data.toyworld import (BACKGROUND, COLOR_NAMES, COLORS, EVENT_STRIDE, MIXES, PLURAL, SHAPES, SPLITS, TASKS,
+from data.toyworld import (BACKGROUND, CELL, COLOR_NAMES, COLORS, EVENT_STRIDE, MIXES, PLURAL, SHAPES, SPLITS, TASKS,
                            VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld, final_answer, json_list, normalize, object_mask,
                            score, video_timestamps)
 
@@ -162,6 +162,8 @@ def test_mixes(world):
     sft = Counter(world.sample("train", i, mix=MIXES["sft"], render=False)["task"] for i in range(2800))
     assert set(sft) == set(TASKS) and 500 < sft["binding"] < 700 and 330 < sft["video"] < 470  # 600, 400, 200
     assert min(sft.values()) > 150
+    shapes = Counter(world.sample("train", i, mix=MIXES["shapes"], render=False)["task"] for i in range(400))
+    assert set(shapes) == {"caption", "attribute"} and 150 < shapes["caption"] < 250  # 200 of 400
     binding = Counter(world.sample("train", i, mix=MIXES["binding"], render=False)["task"] for i in range(400))
     assert set(binding) == {"binding", "video"} and 150 < binding["binding"] < 250  # 200 of 400
 
@@ -175,7 +177,7 @@ def test_binding_questions_name_one_of_two_objects(world):
         objects = s["info"]["scenes"][0]["objects"]
         assert len(objects) == 2 and len({o["shape"] for o in objects}) == len({o["color"] for o in objects}) == 2
         asked = next(o for o in objects if o["shape"] in s["question"] or o["color"] in s["question"])
-        assert s["answer"] == asked["color" if s["kind"] == "color" else "shape"]
+        assert final_answer(s["answer"]).strip() == asked["color" if s["kind"] == "color" else "shape"]
         kinds[s["kind"]] += 1
     assert 80 < kinds["color"] < 120
 
@@ -196,7 +198,7 @@ def wrong_answer(s):
         return next(f"A {c} {s}." for c in COLOR_NAMES for s in SHAPES if f"{c} {s}" not in named)
     if task in ("attribute", "binding"):
         values = COLOR_NAMES if s["kind"] == "color" else SHAPES
-        return next(v for v in values if v != answer)
+        return next(v for v in values if v != final_answer(answer).strip())
     if task == "bbox":
         x1, y1, x2, y2 = json_list("bbox_2d", answer)
         dx = x2 - x1 if x2 < 500 else x1 - x2  # slide it by its own width: no overlap left
@@ -226,7 +228,7 @@ def test_score_truth_one_wrong_zero(world, task):
 
 def test_scores_tolerate_harmless_variation(world):
     s = world.sample("val", 0, task="attribute", render=False)
-    assert score(s["answer"].title() + ".", s) == 1.0
+    assert score(final_answer(s["answer"]).title() + ".", s) == 1.0
     s = world.sample("val", 0, task="ocr", render=False)
     assert score(s["answer"].lower(), s) == 1.0
     s = world.sample("val", 0, task="count", render=False)
@@ -305,6 +307,34 @@ def test_images_show_exactly_the_scene(world, task):
                 assert (np.all(img == 245, axis=-1)).sum() > 20
                 for o in scene["objects"]:
                     assert pixels_of(img, o["color"])[object_mask(o, SIZE)].all()
+
+
+def test_attribute_replies_match_the_pixels(world):
+    """Read from the pixels: a shape question names the shape of the object of the asked colour; a colour question
+    names each object's shape by its colour cell by cell (columns left to right, top to bottom in a column), stops
+    at the asked shape and answers with the last colour named."""
+    kinds = Counter()
+    for task, i in [(t, i) for t in ("attribute", "binding") for i in range(40)]:
+        s = world.sample("test", i, task=task)
+        found = matched_objects(images(s)[0], s["info"]["scenes"][0])
+        answer = final_answer(s["answer"]).strip()
+        kinds[s["kind"]] += 1
+        if s["kind"] == "shape":
+            color = next(c for c in COLOR_NAMES if s["question"] == f"What shape is the {c} object?")
+            assert s["answer"] == answer == next(o["shape"] for o in found if o["color"] == color)
+            continue
+        shape = next(sh for sh in SHAPES if s["question"] == f"What color is the {sh}?")
+        cell = {}   # the grid cell of each object's pixels (column, row): one object per cell, one visual token each
+        for o in found:
+            ys, xs = np.nonzero(object_mask(o, SIZE))
+            cell[id(o)] = (xs.min() + xs.max()) // 2 // CELL, (ys.min() + ys.max()) // 2 // CELL
+        assert len(set(cell.values())) == len(found)
+        in_order = sorted(found, key=lambda o: cell[id(o)])
+        upto = in_order[:[o["shape"] for o in in_order].index(shape) + 1]
+        thought = s["answer"].split("<think>\n")[1].split("\n</think>")[0]
+        assert thought == " ".join(f"The {o['color']} object is a {o['shape']}." for o in upto)
+        assert answer == upto[-1]["color"]
+    assert kinds["color"] > 25 and kinds["shape"] > 25
 
 
 def test_boxes_and_points_match_the_drawn_object(world):
