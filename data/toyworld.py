@@ -275,10 +275,11 @@ def make_attribute(rng, size, n=None):
     if rng.random() < 0.5:
         return dict(kind="shape", question=f"What shape is the {target['color']} object?", answer=target["shape"],
                     scenes=[scene(objects)])
-    # A colour by its shape: the reply names each object's shape by its colour, up to the one asked for, and answers
-    # with the last colour named; objects in the order of their cells, left to right, top to bottom in a column. Answered directly, "What color is the square?" with two objects
-    # stayed near 0.5 (either colour) in most runs, while "What shape is the red object?" was learned everywhere
-    # (README: the toy run): looking up by colour works, so the reply only ever does that.
+    # A colour by its shape: the reply names each object's shape by its colour, up to the one asked for, and
+    # answers with the last colour named; the objects in the order of their cells, columns left to right, top to
+    # bottom within one. Answered directly, "What color is the square?" with two objects stayed near 0.5 (either
+    # colour) in most runs while "What shape is the red object?" was learned everywhere (README: the toy run):
+    # looking up by colour works, so the reply only ever does that.
     checks = []
     for o in sorted(objects, key=lambda o: ((o["x"] + o["d"] // 2) // CELL, (o["y"] + o["d"] // 2) // CELL)):
         checks.append(f"The {o['color']} object is a {o['shape']}.")
@@ -289,8 +290,8 @@ def make_attribute(rng, size, n=None):
 
 
 def make_binding(rng, size):
-    # Attribute questions about two objects only: the colour must be found by the shape ("What color is the
-    # square?") and the shape by the colour, i.e. each colour bound to its shape (weighted up in the SFT mix).
+    # Attribute questions about two objects only, each colour bound to its shape: a shape is found by its colour,
+    # a colour by going through the objects until the asked shape comes up (weighted up in the SFT mix).
     return make_attribute(rng, size, n=2)
 
 
@@ -586,7 +587,8 @@ ALL = {t: 1.0 for t in TASKS if t != "binding"}
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
     # stage 1 opens on captions and attribute questions alone: the names of the shapes. Straight into the full mix,
-    # about one GPU run in four (and CPU seed 1) never told shapes apart by name, while it counted them fine
+    # one GPU run in four (10 of 40, and CPU seed 1) never told shapes apart by name while it counted them fine;
+    # with this stage 3 of 28 (README: the toy run)
     "shapes": {"caption": 1.0, "attribute": 1.0},
     # stage 1 in two parts: first every task but video (two-object attribute questions are part of "attribute"),
     # text-only included; then videos join, twice as often as the rest. With videos from the start, half the runs
@@ -595,9 +597,9 @@ MIXES = {
     "video": {**ALL, "video": 2.0},
     "long": {t: 3.0 if t in ("video", "compare") else 1.0 for t in ALL},  # stage 2: more of the long samples
     # SFT starts on two-object attribute questions and videos, then mixes every task, videos twice and three parts
-    # of those questions. After pretraining the model answers "What color is the square?" with either object's
-    # colour (README: the toy run); these teach finding an object by its shape, which the captions never ask for
-    # ("a red circle" looks up by colour). Without the videos the timestamp checks faded meanwhile.
+    # of those questions: with two objects, "What color is the square?" needs the object-by-object look-up to stop
+    # at the right object (make_attribute), which one object never asks for. Without the videos the timestamp
+    # checks faded meanwhile (README: the toy run).
     "binding": {"binding": 1.0, "video": 1.0},
     "sft": {**ALL, "video": 2.0, "binding": 3.0},
 }
