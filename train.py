@@ -80,7 +80,7 @@ def get_parser():
                                                    "data/qwen.tiktoken for released ones)")
     # data
     p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
-    p.add_argument("--stages", default="align:240,shapes:160,pretrain:440,video:480,long:140,binding:120,sft:480",
+    p.add_argument("--stages", default="align:240,shapes:160,pretrain:600,video:480,long:140,binding:120,sft:480",
                    help="name:steps,... in order")
     p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
