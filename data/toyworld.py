@@ -601,10 +601,10 @@ MIXES = {
     "all": {t: w for t, w in STAGE1.items() if t != "video"},
     "video": {**STAGE1, "video": 3.0},
     "long": {**STAGE1, "video": 4.0, "compare": 3.0},  # stage 2: more of the long samples
-    # SFT starts on two-object attribute questions and videos, then mixes every task, with three parts each of videos and
-    # those questions: with two objects, "What color is the square?" needs the object-by-object look-up to stop
-    # at the right object (make_attribute), which one object never asks for. Without the videos the timestamp
-    # checks faded meanwhile (README: the toy run).
+    # SFT starts on two-object attribute questions and videos, then mixes every task, with three parts each of
+    # videos and those questions: with two objects, "What color is the square?" needs the object-by-object look-up
+    # to stop at the right object (make_attribute), which one object never asks for. Without the videos the
+    # timestamp checks faded meanwhile (README: the toy run).
     "binding": {"binding": 1.0, "video": 1.0},
     "sft": {**STAGE1, "video": 3.0, "binding": 3.0},
 }
