@@ -280,7 +280,7 @@ def make_attribute(rng, size, n=None):
     # bottom within one. Answered directly, "What color is the square?" with two objects stayed near 0.5 (either
     # colour) in most runs while "What shape is the red object?" was learned everywhere (README: the toy run):
     # looking up by colour works, so the reply only ever does that. It still has to stop at the asked shape, which
-    # not every run learns (seeds 0 and 1 did, seed 2 did not).
+    # about half the runs learn (README: the toy run, "Not there yet").
     checks = []
     for o in sorted(objects, key=lambda o: ((o["x"] + o["d"] // 2) // CELL, (o["y"] + o["d"] // 2) // CELL)):
         checks.append(f"The {o['color']} object is a {o['shape']}.")
