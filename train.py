@@ -11,7 +11,8 @@ Stages (`--stages name:steps,...`, run in order):
     align     stage 0: only the mergers learn (ViT and LLM frozen), on image captions
     shapes    stage 1 opens: all weights, captions and attribute questions only (the names of the shapes)
     pretrain  stage 1: all weights, every task but video, next-token loss on every text token
-    video     stage 1 continued: the same with videos added (three times as often as most tasks)
+    video     stage 1 continued: the same with videos added (three times as often as most tasks), and
+              text-only colour look-ups (three times too)
     long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
     binding   SFT's first part: two-object attribute questions ("What color is the square?") and videos
     sft       chat-formatted data, loss on the assistant's tokens only; the mix adds two-object attribute

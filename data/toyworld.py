@@ -20,6 +20,7 @@ answers. Yet every part of the model gets work:
     video      12 frames at 2 fps: "When does the red circle appear?" -> "<think>\n0.2 seconds: no. 1.2 seconds: no.
                2.2 seconds: yes.\n</think>\n\n2.0 seconds" (each stamp checked in turn, up to the event)
     think      "How many circles and squares are there in total?" -> "<think>\n...\n</think>\n\n5"
+    lookup     no image: "There is a red circle and a blue square. What color is the square?" -> the attribute reply
     text       no image: "What is 3 + 4?" -> "7"
 
 Coordinates follow Qwen3-VL: integers in a [0, 1000] frame relative to the image, round(x / W * 1000).
@@ -280,14 +281,21 @@ def make_attribute(rng, size, n=None):
     # bottom within one. Answered directly, "What color is the square?" with two objects stayed near 0.5 (either
     # colour) in most runs while "What shape is the red object?" was learned everywhere (README: the toy run):
     # looking up by colour works, so the reply only ever does that. It still has to stop at the asked shape, which
-    # about half the runs learn (README: the toy run, "Not there yet").
+    # forms in some runs only; the text-only look-ups of make_lookup make it more likely (README: the toy run).
+    in_cells = sorted(objects, key=lambda o: ((o["x"] + o["d"] // 2) // CELL, (o["y"] + o["d"] // 2) // CELL))
+    return dict(kind="color", question=f"What color is the {target['shape']}?", answer=look_up(in_cells, target),
+                scenes=[scene(objects)])
+
+
+def look_up(objects, target):
+    """The reply to "What color is the <target's shape>?": each object's shape by its colour, in the given order,
+    up to the target; then its colour."""
     checks = []
-    for o in sorted(objects, key=lambda o: ((o["x"] + o["d"] // 2) // CELL, (o["y"] + o["d"] // 2) // CELL)):
+    for o in objects:
         checks.append(f"The {o['color']} object is a {o['shape']}.")
         if o is target:
             break
-    return dict(kind="color", question=f"What color is the {target['shape']}?",
-                answer=f"<think>\n{' '.join(checks)}\n</think>\n\n{target['color']}", scenes=[scene(objects)])
+    return f"<think>\n{' '.join(checks)}\n</think>\n\n{target['color']}"
 
 
 def make_binding(rng, size):
@@ -318,6 +326,19 @@ def counting_scene(rng, size, k, kind, key):
 def counted(kind, key):
     """What a counting question counts: "circles", "red shapes" or "shapes" (see counting_scene)."""
     return PLURAL[key] if kind == "shape" else f"{key} shapes" if kind == "color" else "shapes"
+
+
+def make_lookup(rng, size):
+    # The colour look-up of make_attribute on a description instead of an image: two to four objects named in a
+    # sentence, then "What color is the square?" with the same object-by-object reply. Without these the reply's
+    # stop at the asked shape formed in about half the runs: in a failed run its probability stayed at 0.5 whatever
+    # the shapes named and asked, for three shapes of four. Text is cheap, so the stop gets many more examples
+    # (README: the toy run).
+    n = rng.randint(2, 4)
+    objects = [dict(shape=s, color=c) for s, c in zip(rng.sample(SHAPES, n), rng.sample(COLOR_NAMES, n))]
+    target = rng.choice(objects)
+    question = f"There is {enumerate_words([a_name(o) for o in objects])}. What color is the {target['shape']}?"
+    return dict(kind="color", question=question, answer=look_up(objects, target))
 
 
 def make_count(rng, size):
@@ -575,6 +596,7 @@ TASKS = {t.name: t for t in [
     Task("compare", make_compare, score_exact, chance=1 / 2),  # first or second, balanced in every kind
     Task("video", make_video, score_time, chance=1 / (SLOTS - 1)),  # event slots are uniform over SLOTS - 1 values
     Task("think", make_think, score_number, chance=(1 / 5 + 1 / 3) / 2),  # sum uniform on 2..6, diff on 1..3
+    Task("lookup", make_lookup, score_exact, visual=False, chance=1 / len(COLORS)),  # the asked object's colour is uniform
     Task("text", make_text, score_exact, visual=False, chance=(
         10 / 100  # add: a + b = 9 has 10 of the 100 pairs
         + 18 / 100  # sub: a - b = 1 has 18 of the 100 (ordered) pairs
@@ -583,12 +605,16 @@ TASKS = {t.name: t for t in [
     ) / 4),
 ]}
 
-# Task mixtures for the training stages (weights, not necessarily summing to one).
-ALL = {t: 1.0 for t in TASKS if t != "binding"}
+# Task mixtures for the training stages (weights, not necessarily summing to one). ALL is also the tokenizer's
+# corpus; binding and lookup questions only reuse the words of attribute questions and captions.
+ALL = {t: 1.0 for t in TASKS if t not in ("binding", "lookup")}
 # From stage 1 on, boxes and points come twice as often as each other task. A box scores whenever it lands in the
 # named object's cell, but with uniform weights that was learned in one GPU run in four (bbox 0.08-0.36); twice as
 # often gave 0.30-0.70 in 17 of 17 (README: the toy run). Videos are weighted up with them, to keep their share.
 STAGE1 = {**ALL, "bbox": 2.0, "point": 2.0}
+# Text-only look-ups (make_lookup) three times as often, from the second part of stage 1 on: with them the stop of
+# the colour look-up (make_attribute) formed in most runs, without them in about half (README: the toy run).
+LOOKUPS = {"lookup": 3.0}
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
     # stage 1 opens on captions and attribute questions alone: the names of the shapes. Straight into the full mix,
@@ -599,14 +625,14 @@ MIXES = {
     # text-only included; then videos join, three times as often as most. With videos from the start, half the runs
     # never learned to tell shapes apart; without them one in four GPU runs still did not (README: the toy run)
     "all": {t: w for t, w in STAGE1.items() if t != "video"},
-    "video": {**STAGE1, "video": 3.0},
-    "long": {**STAGE1, "video": 4.0, "compare": 3.0},  # stage 2: more of the long samples
+    "video": {**STAGE1, "video": 3.0, **LOOKUPS},
+    "long": {**STAGE1, "video": 4.0, "compare": 3.0, **LOOKUPS},  # stage 2: more of the long samples
     # SFT starts on two-object attribute questions and videos, then mixes every task, with three parts each of
     # videos and those questions: with two objects, "What color is the square?" needs the object-by-object look-up
     # to stop at the right object (make_attribute), which one object never asks for. Without the videos the
     # timestamp checks faded meanwhile (README: the toy run).
     "binding": {"binding": 1.0, "video": 1.0},
-    "sft": {**STAGE1, "video": 3.0, "binding": 3.0},
+    "sft": {**STAGE1, "video": 3.0, "binding": 3.0, **LOOKUPS},
 }
 
 

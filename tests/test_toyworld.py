@@ -4,6 +4,7 @@ decoded video) really show what the questions and answers say."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -137,7 +138,7 @@ def test_messages_are_hf_style_chat(world):
         assert assistant["content"] == [{"type": "text", "text": s["answer"]}]
         assert user["content"][-1] == {"type": "text", "text": s["question"]}
         kinds = [c["type"] for c in user["content"][:-1]]
-        expected = {"compare": ["image", "image"], "video": ["video"], "text": []}.get(task, ["image"])
+        expected = {"compare": ["image", "image"], "video": ["video"], "lookup": [], "text": []}.get(task, ["image"])
         assert kinds == expected, task
         for img in images(s):
             assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
@@ -193,7 +194,7 @@ def wrong_answer(s):
     if task == "caption":
         named = normalize(answer)
         return next(f"A {c} {s}." for c in COLOR_NAMES for s in SHAPES if f"{c} {s}" not in named)
-    if task in ("attribute", "binding"):
+    if task in ("attribute", "binding", "lookup"):
         values = COLOR_NAMES if s["kind"] == "color" else SHAPES
         return next(v for v in values if v != final_answer(answer).strip())
     if task == "bbox":
@@ -247,7 +248,7 @@ def test_scores_tolerate_harmless_variation(world):
 # Chance levels are what the generator's distribution implies
 
 
-@pytest.mark.parametrize("task", ["attribute", "binding", "count", "ocr", "compare", "video", "think", "text"])
+@pytest.mark.parametrize("task", ["attribute", "binding", "count", "ocr", "compare", "video", "think", "lookup", "text"])
 def test_chance_is_the_majority_answer_of_each_kind(world, task):
     """For tasks with a small answer space: the best constant answer per question kind."""
     n = 2000
@@ -332,6 +333,29 @@ def test_attribute_replies_match_the_pixels(world):
         assert thought == " ".join(f"The {o['color']} object is a {o['shape']}." for o in upto)
         assert answer == upto[-1]["color"]
     assert kinds["color"] > 25 and kinds["shape"] > 25
+
+
+def test_lookup_replies_as_a_colour_question_on_its_description(world):
+    """A text-only look-up names two to four objects of different shapes and colours and asks for one's colour; the
+    reply is the attribute reply over the objects in the order they are named: each shape by its colour, up to the
+    asked shape, then that colour. Every position of the asked object comes up."""
+    named = re.compile(rf"a ({'|'.join(COLOR_NAMES)}) ({'|'.join(SHAPES)})")
+    positions = Counter()
+    for i in range(300):
+        s = world.sample("train", i, task="lookup")
+        assert s["messages"][0]["content"] == [{"type": "text", "text": s["question"]}]
+        description, question = s["question"].split(". ")
+        objects = named.findall(description)
+        assert description == "There is " + ", ".join(f"a {c} {sh}" for c, sh in objects[:-1]) + \
+            (" and " if len(objects) > 1 else "") + "a {} {}".format(*objects[-1])
+        assert 2 <= len(objects) <= 4 and len({c for c, _ in objects}) == len({sh for _, sh in objects}) == len(objects)
+        shape = next(sh for sh in SHAPES if question == f"What color is the {sh}?")
+        k = [sh for _, sh in objects].index(shape)
+        thought = s["answer"].split("<think>\n")[1].split("\n</think>")[0]
+        assert thought == " ".join(f"The {c} object is a {sh}." for c, sh in objects[:k + 1])
+        assert final_answer(s["answer"]).strip() == objects[k][0]
+        positions[k] += 1
+    assert set(positions) == {0, 1, 2, 3}
 
 
 def test_boxes_and_points_match_the_drawn_object(world):
