@@ -596,7 +596,7 @@ TASKS = {t.name: t for t in [
     Task("compare", make_compare, score_exact, chance=1 / 2),  # first or second, balanced in every kind
     Task("video", make_video, score_time, chance=1 / (SLOTS - 1)),  # event slots are uniform over SLOTS - 1 values
     Task("think", make_think, score_number, chance=(1 / 5 + 1 / 3) / 2),  # sum uniform on 2..6, diff on 1..3
-    Task("lookup", make_lookup, score_exact, visual=False, chance=1 / len(COLORS)),  # the asked object's colour is uniform
+    Task("lookup", make_lookup, score_exact, visual=False, chance=1 / len(COLORS)),  # the asked colour is uniform
     Task("text", make_text, score_exact, visual=False, chance=(
         10 / 100  # add: a + b = 9 has 10 of the 100 pairs
         + 18 / 100  # sub: a - b = 1 has 18 of the 100 (ordered) pairs
@@ -606,14 +606,16 @@ TASKS = {t.name: t for t in [
 ]}
 
 # Task mixtures for the training stages (weights, not necessarily summing to one). ALL is also the tokenizer's
-# corpus; binding and lookup questions only reuse the words of attribute questions and captions.
+# corpus, without binding (attribute questions already) and lookup (added later: kept out, the tokenizer and every
+# stage before look-ups join stay as they were; its words are those of captions and attribute replies).
 ALL = {t: 1.0 for t in TASKS if t not in ("binding", "lookup")}
 # From stage 1 on, boxes and points come twice as often as each other task. A box scores whenever it lands in the
 # named object's cell, but with uniform weights that was learned in one GPU run in four (bbox 0.08-0.36); twice as
 # often gave 0.30-0.70 in 17 of 17 (README: the toy run). Videos are weighted up with them, to keep their share.
 STAGE1 = {**ALL, "bbox": 2.0, "point": 2.0}
 # Text-only look-ups (make_lookup) three times as often, from the second part of stage 1 on: with them the stop of
-# the colour look-up (make_attribute) formed in most runs, without them in about half (README: the toy run).
+# the colour look-up (make_attribute) formed in most runs (GPU, look-ups in every stage: 13 of 14), without them in
+# about half (README: the toy run).
 LOOKUPS = {"lookup": 3.0}
 MIXES = {
     "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions

@@ -248,7 +248,8 @@ def test_scores_tolerate_harmless_variation(world):
 # Chance levels are what the generator's distribution implies
 
 
-@pytest.mark.parametrize("task", ["attribute", "binding", "count", "ocr", "compare", "video", "think", "lookup", "text"])
+@pytest.mark.parametrize("task", ["attribute", "binding", "count", "ocr", "compare", "video", "think", "lookup",
+                                  "text"])
 def test_chance_is_the_majority_answer_of_each_kind(world, task):
     """For tasks with a small answer space: the best constant answer per question kind."""
     n = 2000
@@ -346,8 +347,8 @@ def test_lookup_replies_as_a_colour_question_on_its_description(world):
         assert s["messages"][0]["content"] == [{"type": "text", "text": s["question"]}]
         description, question = s["question"].split(". ")
         objects = named.findall(description)
-        assert description == "There is " + ", ".join(f"a {c} {sh}" for c, sh in objects[:-1]) + \
-            (" and " if len(objects) > 1 else "") + "a {} {}".format(*objects[-1])
+        items = [f"a {c} {sh}" for c, sh in objects]
+        assert description == "There is " + ", ".join(items[:-1]) + " and " + items[-1]
         assert 2 <= len(objects) <= 4 and len({c for c, _ in objects}) == len({sh for _, sh in objects}) == len(objects)
         shape = next(sh for sh in SHAPES if question == f"What color is the {sh}?")
         k = [sh for _, sh in objects].index(shape)
