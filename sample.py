@@ -200,23 +200,35 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
 
 
 def load(path, device="cpu", dtype=None):
-    """(model, tokenizer, processor) from a Hugging Face Qwen3-VL directory or one of our checkpoint directories."""
+    """(model, tokenizer, processor) from a Hugging Face Qwen3-VL directory, a train.py checkpoint or a train.py
+    output directory (its latest good checkpoint)."""
     from processor import Processor
     from tokenizer import Tokenizer
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init_from {path!r}: no such checkpoint directory (expected config.json, "
                                 "safetensors and the tokenizer files)")
-    model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
+    from train import checkpoint_dir, load_trained
+    checkpoint = checkpoint_dir(path)                  # one of train.py's checkpoints (or its run's folder)
+    if checkpoint:
+        path, model = checkpoint, load_trained(checkpoint, device, dtype).eval()
+    else:
+        model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
     tok = Tokenizer.from_pretrained(path)
-    # image pixel budgets the model was trained with: ours write min/max_pixels, Hugging Face size.shortest/longest_edge
-    budgets = {}
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        with open(os.path.join(path, "preprocessor_config.json")) as f:
-            pre = json.load(f)
-        size = pre.get("size", {})
-        budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
-                       max_pixels=pre.get("max_pixels", size.get("longest_edge")))
-    return model, tok, Processor(tok, **{k: v for k, v in budgets.items() if v is not None})
+    return model, tok, Processor(tok, **read_budgets(path))
+
+
+def read_budgets(path):
+    """The image pixel budgets a checkpoint was trained with: ours write min/max_pixels, Hugging Face
+    size.shortest/longest_edge; {} without a preprocessor_config.json."""
+    file = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        pre = json.load(f)
+    size = pre.get("size", {})
+    budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
+                   max_pixels=pre.get("max_pixels", size.get("longest_edge")))
+    return {k: v for k, v in budgets.items() if v is not None}
 
 
 class TextStream:
