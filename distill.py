@@ -38,9 +38,10 @@ def check_temperature(temperature):
 
 
 def log_probs(logits, mask, temperature):
-    """logits [B, T, V], mask [B, T] -> log softmax(logits / T) at the N masked tokens [N, V] float32."""
+    """logits [B, T, V], mask [B, T] -> log softmax(logits / T) at the N masked tokens [N, V], in float32 at least."""
     check_temperature(temperature)
-    return F.log_softmax(logits[mask.bool()].float() / temperature, dim=-1)
+    logits = logits[mask.bool()]
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
 def token_mean(per_token):
@@ -70,14 +71,15 @@ def forward_kl(student_logits, teacher_logits, mask, temperature=1.0, top_k=None
 @torch.no_grad()
 def teacher_topk(teacher_logits, k, temperature=1.0):
     """
-    Teacher logits [B, T, V] -> the stored form: ids [B, T, k] long and log-probs [B, T, k] float32 of its k most
+    Teacher logits [B, T, V] -> the stored form: ids [B, T, k] long and log-probs [B, T, k] (float32 at least) of its k most
     likely tokens at temperature T, largest first.
     """
     V = teacher_logits.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"top_k must be in [1, vocabulary size {V}], got {k}")
     check_temperature(temperature)
-    logprobs, ids = F.log_softmax(teacher_logits.float() / temperature, dim=-1).topk(k, dim=-1)
+    logits = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
+    logprobs, ids = F.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
     return ids, logprobs
 
 
@@ -93,7 +95,7 @@ def forward_kl_topk(student_logits, teacher_ids, teacher_logprobs, mask, tempera
     tokens = mask.bool()
     log_q = log_probs(student_logits, mask, temperature)                             # [N, V]
     ids = teacher_ids[tokens]                                                        # [N, k]
-    log_p = teacher_logprobs[tokens].detach().float()                                # [N, k]
+    log_p = teacher_logprobs[tokens].detach().to(log_q.dtype)                        # [N, k]
     per_token = kl(log_p, log_q.gather(-1, ids))                                     # [N]
     if ids.shape[-1] < log_q.shape[-1]:
         p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)                              # [N]
