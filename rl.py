@@ -290,9 +290,10 @@ def last_number(text):
 
 
 def number_match(reply, answer):
-    """1 if the last number of the reply's final answer equals the reference's (relative tolerance 1e-6)."""
+    """1 if the last number of the reply's final answer equals the reference's as a number ("7.0" = "7", "1,234" =
+    "1234")."""
     guess, truth = last_number(final_answer(reply)), last_number(final_answer(answer))
-    return float(guess is not None and truth is not None and math.isclose(guess, truth, rel_tol=1e-6))
+    return float(guess is not None and guess == truth)
 
 
 def choice_letter(text):

@@ -199,13 +199,18 @@ def test_aggregation_is_seq_mean_token_mean():
 
 @pytest.mark.parametrize("loss", [sapo_loss, grpo_loss, gspo_loss])
 def test_extreme_log_ratios_stay_finite(loss):
-    """§6 SAPO 10: logp - old_logp = +-50 gives a finite loss and gradient (log-ratios clamped to +-20)."""
-    logp = torch.tensor([[50.0, -50.0], [-50.0, 50.0]], dtype=torch.float64, requires_grad=True)
-    old, adv, mask = torch.zeros(2, 2, dtype=torch.float64), torch.tensor([1.0, -1.0]), torch.ones(2, 2)
-    value = loss(logp, old, adv, mask)
-    value.backward()
-    assert torch.isfinite(value) and torch.isfinite(logp.grad).all()
-    assert torch.isfinite(k3_kl(logp, torch.zeros(2, 2))).all()
+    """§6 SAPO 10: logp - old_logp = +-50 or +-100, even in float32 (where exp(100) overflows), gives a finite loss
+    and gradient: log-ratios are clamped to +-20."""
+    for dtype, d in [(torch.float64, 50.0), (torch.float32, 100.0)]:
+        logp = torch.tensor([[d, -d], [-d, d]], dtype=dtype, requires_grad=True)
+        old, adv, mask = torch.zeros(2, 2, dtype=dtype), torch.tensor([1.0, -1.0], dtype=dtype), torch.ones(2, 2)
+        value = loss(logp, old, adv, mask)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(logp.grad).all()
+        assert torch.isfinite(k3_kl(logp, torch.zeros(2, 2, dtype=dtype))).all()
+    # the ratio itself is capped at e^20: one token, A = -1, r = e^50 -> GRPO's loss is r = e^20
+    one = torch.ones(1, 1, dtype=torch.float64)
+    assert grpo_loss(50 * one, 0 * one, -one[0], one).item() == pytest.approx(math.exp(20))
 
 
 # ---------------------------------------------------------------------------------------------------- GRPO
@@ -331,16 +336,16 @@ def test_group_advantages():
 
 
 def test_loss_stats():
-    """By hand: response 0 (A = +1) has ratios 1, 1.5, 3, 0.5; response 1 (A = -1) has 0.7, 1, then padding.
-    SAPO weight < 0.5: only r = 3 (0.42); GRPO clips 1.5 and 3 (A > 0, > 1.2) and 0.7 (A < 0, < 0.8); GSPO: both
-    sequence ratios (1.2247, 0.8367) are outside the band, so all 6 tokens."""
-    r = torch.tensor([[1.0, 1.5, 3.0, 0.5], [0.7, 1.0, 9.0, 9.0]], dtype=torch.float64)
+    """By hand: response 0 (A = +1) has ratios 1, 1.5, 3, 2.7; response 1 (A = -1) has 0.7, 1, then padding.
+    SAPO weight < 0.5: only r = 3 (0.420; r = 2.7 has 0.522); GRPO clips 1.5, 3 and 2.7 (A > 0, > 1.2) and 0.7
+    (A < 0, < 0.8); GSPO: both sequence ratios (1.867, 0.837) are outside the band, so all 6 tokens."""
+    r = torch.tensor([[1.0, 1.5, 3.0, 2.7], [0.7, 1.0, 9.0, 9.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
     stats = loss_stats(r.log(), torch.zeros_like(r), torch.tensor([1.0, -1.0]), mask)
     assert stats["sapo_gate_below_half"] == pytest.approx(1 / 6)
-    assert stats["grpo_clip_fraction"] == pytest.approx(3 / 6)
+    assert stats["grpo_clip_fraction"] == pytest.approx(4 / 6)
     assert stats["gspo_clip_fraction"] == pytest.approx(1.0)
-    assert stats["ratio_dev"] == pytest.approx((0 + 0.5 + 2 + 0.5 + 0.3 + 0) / 6)
+    assert stats["ratio_dev"] == pytest.approx((0 + 0.5 + 2 + 1.7 + 0.3 + 0) / 6)
     on_policy = loss_stats(r.log(), r.log(), torch.tensor([1.0, -1.0]), mask)
     assert on_policy == dict(ratio_dev=0.0, sapo_gate_below_half=0.0, grpo_clip_fraction=0.0, gspo_clip_fraction=0.0)
 
@@ -389,6 +394,7 @@ REWARD_CASES = [        # reward name, reply, answer, expected score
     ("number", r"\boxed{-2.5}", "-2.5", 1.0),
     ("number", "8", "7", 0.0),
     ("number", THINK + "no idea", "7", 0.0),
+    ("number", "no idea", "unknown", 0.0),                                       # no number on either side
     ("choice", THINK + "(B)", "B", 1.0),
     ("choice", "B. a cat", "B", 1.0),
     ("choice", "Answer: B", "(B)", 1.0),
