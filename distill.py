@@ -71,8 +71,8 @@ def forward_kl(student_logits, teacher_logits, mask, temperature=1.0, top_k=None
 @torch.no_grad()
 def teacher_topk(teacher_logits, k, temperature=1.0):
     """
-    Teacher logits [B, T, V] -> the stored form: ids [B, T, k] long and log-probs [B, T, k] (float32 at least) of its k most
-    likely tokens at temperature T, largest first.
+    Teacher logits [B, T, V] -> the stored form: ids [B, T, k] long and log-probs [B, T, k] (float32 at least) of
+    its k most likely tokens at temperature T, largest first.
     """
     V = teacher_logits.shape[-1]
     if not 1 <= k <= V:

@@ -134,7 +134,7 @@ def sapo_gate(ratio, tau):
 
 
 def sapo_gate_weight(ratio, tau):
-    """f'(r) = 4 p (1 - p) with p = sigmoid(tau (r - 1)), = sech^2(tau (r - 1) / 2): the gate's factor on the gradient."""
+    """f'(r) = 4 p (1 - p), p = sigmoid(tau (r - 1)); = sech^2(tau (r - 1) / 2): the gate's factor on the gradient."""
     p = torch.sigmoid(tau * (ratio - 1))
     return 4 * p * (1 - p)
 
@@ -147,7 +147,8 @@ def sapo_taus(advantages, tau_pos, tau_neg):
 def sapo_loss(logp, old_logp, advantages, mask, tau_pos=1.0, tau_neg=1.05):
     """
     -(1/B) sum_i (1/|y_i|) sum_t f_tau(r_t) A_t, tau by the sign of A_t. Gradient per token:
-    -(1/B)(1/|y_i|) sech^2(tau (r - 1) / 2) r A grad logp, so on-policy (r = 1) it is REINFORCE's.
+    -(1/B)(1/|y_i|) sech^2(tau (r - 1) / 2) r A grad logp, so on-policy (r = 1) it is REINFORCE's. No clipping, no
+    KL term.
     """
     check_taus(tau_pos, tau_neg)
     adv = token_advantages(advantages, mask)                                     # [B, T]
@@ -207,15 +208,16 @@ def gspo_loss(logp, old_logp, advantages, mask, clip_eps=(3e-4, 4e-4)):
 
 
 def clipped(ratio, adv, clip_eps):
-    """[B, T] bool: tokens whose clipped surrogate is flat (no gradient): A > 0, r > 1 + eps_high; A < 0, r < 1 - eps_low."""
+    """[B, T] bool: tokens where the clipped surrogate is flat (no gradient): A > 0 and r > 1 + eps_high, or A < 0
+    and r < 1 - eps_low."""
     low, high = clip_bounds(clip_eps)
     return ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
 
 
-def token_fraction(flags, mask):
-    """flags [B, T] bool -> the fraction of response tokens (over the whole batch) where they are set."""
+def batch_token_mean(values, mask):
+    """values [B, T] (bool: the fraction where set) -> a float: the mean over all response tokens of the batch."""
     mask = mask.to(torch.float32)
-    return float((flags * mask).sum() / mask.sum().clamp_min(1))
+    return float((values.float() * mask).sum() / mask.sum().clamp_min(1))
 
 
 @torch.no_grad()
@@ -230,12 +232,11 @@ def loss_stats(logp, old_logp, advantages, mask, tau_pos=1.0, tau_neg=1.05, clip
     ratio = log_ratio(logp, old_logp).exp()
     seq_ratio = sequence_ratio(logp, old_logp, mask)[:, None].expand(mask.shape)
     gate = sapo_gate_weight(ratio, sapo_taus(adv, tau_pos, tau_neg))
-    mask_f = mask.to(torch.float32)
     return {
-        "ratio_dev": float(((ratio - 1).abs() * mask_f).sum() / mask_f.sum().clamp_min(1)),
-        "sapo_gate_below_half": token_fraction(gate < 0.5, mask),
-        "grpo_clip_fraction": token_fraction(clipped(ratio, adv, clip_eps), mask),
-        "gspo_clip_fraction": token_fraction(clipped(seq_ratio, adv, gspo_clip_eps), mask),
+        "ratio_dev": batch_token_mean((ratio - 1).abs(), mask),
+        "sapo_gate_below_half": batch_token_mean(gate < 0.5, mask),
+        "grpo_clip_fraction": batch_token_mean(clipped(ratio, adv, clip_eps), mask),
+        "gspo_clip_fraction": batch_token_mean(clipped(seq_ratio, adv, gspo_clip_eps), mask),
     }
 
 
