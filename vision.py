@@ -10,14 +10,17 @@ Notable features
   computed as one batched attention per distinct frame-group size, not as one [N, N] masked product: the encoder
   sorts the rows once so that frame groups of one size sit side by side (blocks work row by row, so the order does
   not matter to them) and puts them back before the mergers. No work on the zeros of the mask, no padding.
+  In training on CUDA (`attn_impl`) it is instead one FlexAttention call over the packed rows with a block mask of their
+  segment ids (flex.py): no sort, no loop over sizes.
 - Pre-norm blocks (LayerNorm, non-causal attention, GELU-tanh MLP), no final norm.
 - A 2x2 spatial-merge MLP ("merger") into the LLM width, and the DeepStack mergers that turn the outputs of
   a few intermediate blocks into extra features for the first LLM layers (§2.2).
 
 Input layout (as the processor makes it): `pixel_values` [N, 3*2*16*16] with each row ordered (c, t, py, px),
 rows in merge-block order (for each frame group: rows of 2x2 blocks, row-major inside a block);
-`grid_thw` [n, 3] = (t, h, w) in patches per image/video. There is no Python loop over images; the forward reads
-the frame-group sizes back to the host once (to shape the batched attention) and loops over the distinct sizes.
+`grid_thw` [n, 3] = (t, h, w) in patches per image/video. There is no Python loop over images; the dense-batch
+path reads the frame-group sizes back to the host once (to shape the batched attention) and loops over the
+distinct sizes.
 """
 import torch
 import torch.nn as nn
@@ -150,7 +153,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         # block-diagonal attention over the frame groups: "sdpa" (one dense batch per frame-group size), "flex"
-        # (FlexAttention, all of them in one call with a block mask of their segment ids) or "auto": flex on CUDA
+        # (FlexAttention, all of them in one call with a block mask of their segment ids) or "auto": flex when
+        # training on CUDA (with gradients; inference keeps sdpa, which needs no compilation before its first call)
         self.attn_impl = "auto"
         patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2     # 1536
         self.patch_embed = nn.Module()
@@ -197,7 +201,7 @@ class VisionEncoder(nn.Module):
         impl = self.attn_impl
         if impl not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flex', not {impl!r}")
-        if impl == "flex" or (impl == "auto" and x.is_cuda):
+        if impl == "flex" or (impl == "auto" and x.is_cuda and torch.is_grad_enabled()):
             # rows stay in packed order; a patch sees the patches of its own segment (frame group)
             layout = flex.block_mask(lambda b, h, q, kv: segment[q] == segment[kv], 1, N, x.device)
             packed = lambda y: y                                                       # noqa: E731
