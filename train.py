@@ -1025,9 +1025,10 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
         for b in micro:
             b = {k: v.to(device) for k, v in b.items() if v is not None}
             labels, real, weights = b.pop("labels"), b.pop("real"), b.pop("weights", None)
-            with run.autocast:
-                logits, _ = train_model(**b, run_vision=run.distributed)
-            loss = token_loss(logits, labels, weights) / norm
+            with run.autocast:                 # the summed (weighted) loss, chunk by chunk: no [B, S, V] logits
+                _, loss = train_model(**b, labels=labels, loss_weights=weights, loss_reduction="sum",
+                                      return_hidden=True, run_vision=run.distributed)
+            loss = loss / norm
             if cfg.text.num_experts:           # MoE: + coef x Switch load-balancing loss of this micro-step
                 loss = loss + cfg.text.router_aux_loss_coef / args.grad_accum * load_balancing_loss(
                     model.router_logits, cfg.text.num_experts_per_tok, real)
@@ -1075,16 +1076,6 @@ def target_weight(batch):
     """The total weight of a micro-batch's targets: their count, or the sum of their sqrt weights."""
     targets = batch["labels"][:, 1:] != -100
     return targets.sum() if "weights" not in batch else batch["weights"][:, :-1][targets].sum()
-
-
-def token_loss(logits, labels, weights=None):
-    """The summed cross-entropy of next-token predictions (logits at s against labels at s + 1), each token
-    weighted by weights[s + 1] when given."""
-    logits, labels = logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten()
-    if weights is None:
-        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-    per_token = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
-    return (per_token * weights[:, 1:].flatten()).sum()
 
 
 def finish(args, run, model, tok, processor, test_data, packer):

@@ -196,9 +196,11 @@ def test_sqrt_loss_weights_on_a_packed_row(tmp_path):
     model.init_weights(seed=0)
     labels, weights = batch.pop("labels"), batch.pop("weights")
     batch.pop("real")
+    inputs = {k: v for k, v in batch.items() if v is not None}
     with torch.no_grad():
-        logits, _ = model(**{k: v for k, v in batch.items() if v is not None})
-    loss = train.token_loss(logits, labels, weights) / train.target_weight(dict(labels=labels, weights=weights))
+        logits, _ = model(**inputs)
+        _, summed = model(**inputs, labels=labels, loss_weights=weights, loss_reduction="sum", return_hidden=True)
+    loss = summed / train.target_weight(dict(labels=labels, weights=weights))
     per_token = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
     expected, total, n = 0.0, 0.0, 0
     for s in row:                                      # by hand: sum_i sum_t l_it / sqrt(n_i) / sum_i sqrt(n_i)
@@ -207,7 +209,8 @@ def test_sqrt_loss_weights_on_a_packed_row(tmp_path):
         total += math.sqrt(targets)
         n += L
     assert loss.item() == pytest.approx(expected / total, rel=1e-5)
-    token = train.token_loss(logits, labels) / (labels[:, 1:] != -100).sum()
+    with torch.no_grad():
+        _, token = model(**inputs, labels=labels)
     assert token.item() == pytest.approx(per_token[labels[0, 1:] != -100].mean().item(), rel=1e-6)
 
 
