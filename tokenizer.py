@@ -16,6 +16,7 @@ Notable features
 """
 import base64
 import heapq
+import importlib.util
 import json
 import os
 import re
@@ -57,6 +58,15 @@ TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with th
 TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
                 "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n")
+
+
+def default_ranks_path():
+    """data/qwen.tiktoken, else the same file inside the installed dashscope package (found without importing it;
+    data/get_tokenizer.py copies it from there and checks it)."""
+    if os.path.exists(DEFAULT_PATH):
+        return DEFAULT_PATH
+    spec = importlib.util.find_spec("dashscope")
+    return os.path.join(spec.submodule_search_locations[0], "resources", "qwen.tiktoken") if spec else DEFAULT_PATH
 
 
 def bytes_to_unicode():
@@ -146,7 +156,7 @@ class Tokenizer:
         tokenizer.tiktoken (ours, written by `save`), tokenizer.json (Hugging Face), or vocab.json + merges.txt
         (+ added_tokens.json / tokenizer_config.json; the older Hugging Face files).
         """
-        path = DEFAULT_PATH if path is None else os.fspath(path)
+        path = default_ranks_path() if path is None else os.fspath(path)
         if not os.path.exists(path):
             hint = " (run `python data/get_tokenizer.py`)" if path == DEFAULT_PATH else ""
             raise FileNotFoundError(f"no tokenizer at {path}{hint}")
