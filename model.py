@@ -575,8 +575,8 @@ class Qwen3VL(nn.Module):
         document_ids [B, S] (document_ids not with a cache); position_ids [3, B, S] or [B, S]; pixel rows
         [N, in_channels * temporal_patch_size * patch_size^2] float, each with its grid [n, 3] integer; a KVCache of
         batch B.
-        Values, with check_values (forward: on a prompt, not on the decode steps that follow it), read back to the
-        host once: ids in [0, vocab_size); labels in [0, vocab_size) or -100; each grid's t, h, w >= 1 with h and w
+        Values, with check_values and on a prompt (not on the decode steps that follow it), read back to the host
+        once: ids in [0, vocab_size); labels in [0, vocab_size) or -100; each grid's t, h, w >= 1 with h and w
         multiples of spatial_merge_size and sum(t*h*w) = the pixel rows; the placeholder tokens of a modality
         = its merged features, in sum(t) blocks (no pixels: no placeholders); with check_finite, every pixel finite
         (one isfinite pass: a NaN pixel would turn every logit of its row into NaN).
@@ -628,7 +628,7 @@ class Qwen3VL(nn.Module):
                     raise ValueError(f"{pixels_name} on {pixels.device}, {name}_grid_thw on {grid.device}: must be "
                                      f"on the device of input_ids ({input_ids.device})")
             modalities.append((name, pixels_name, pixels, grid, token_id))
-        if not check_values:
+        if not (check_values and prompt):
             return
 
         # one read-back for every value below
@@ -726,9 +726,9 @@ class Qwen3VL(nn.Module):
         for a dense model), still in the autograd graph: a loss computed outside can add
         moe.load_balancing_loss(model.router_logits, k, mask), and moe.tokens_per_expert(...) gives the load per layer.
         """
-        prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
         self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                          labels, position_ids, kv_cache, document_ids, check_values=prefill, check_finite=check_finite)
+                          labels, position_ids, kv_cache, document_ids, check_finite=check_finite)
+        prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
         B, S = input_ids.shape
         cfg = self.cfg.text
         x, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, run_vision)

@@ -218,9 +218,6 @@ def frames_to_array(frames):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"a video array must be [T, H, W, 3] uint8, got {frames.dtype} {frames.shape}")
         return frames
-    if not isinstance(frames, (list, tuple)):
-        raise TypeError(f"a video must be a path, a [T, H, W, 3] uint8 array or a list of frames, got "
-                        f"{type(frames).__name__}")
     if not frames:
         raise ValueError("the video has no frames")
     images = [np.asarray(load_image(f)) for f in frames]
@@ -289,6 +286,9 @@ class Processor:
                 raise ValueError("'fps' is the frame rate of frames given as an array; a file's own rate is used "
                                  "(set the sampling rate with Processor(video_fps=...))")
             return read_video(video, self.video_fps, self.video_min_frames, self.video_max_frames)
+        if not isinstance(video, (np.ndarray, list, tuple)):
+            raise TypeError(f"a video must be a path, a [T, H, W, 3] uint8 array or a list of frames, got "
+                            f"{type(video).__name__}")
         if fps is None:
             raise ValueError("a video given as frames needs its frame rate: {'type': 'video', 'video': frames, "
                              "'fps': ...} (it sets which frames are kept and the timestamps)")

@@ -333,8 +333,8 @@ def check_args(args):
         raise FileNotFoundError(f"--ground {args.ground!r}: no such directory")
     try:
         device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: not a device ({e})") from None
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r}: no CUDA device is available (use --device cpu)")
     if args.compile and device.type != "cuda":
