@@ -82,6 +82,17 @@ def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, 
     return h_bar, w_bar
 
 
+# ---------------------------------------------------------------------------------------------------------- files
+def file_name(path):
+    """A path as str; ValueError if the file system cannot encode it (a lone surrogate from a JSON string)."""
+    path = os.fspath(path)
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ValueError(f"{path!r} cannot be a file name: the file system cannot encode it") from None
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------- images
 def to_rgb(image):
     """
@@ -116,7 +127,7 @@ def load_image(image):
         return to_rgb(Image.fromarray(image))
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"an image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
-    path = os.fspath(image)
+    path = file_name(image)
     if path.startswith(("http://", "https://")):
         raise ValueError(f"{path}: URLs are not fetched; download the image and pass its path")
     path = path[len("file://"):] if path.startswith("file://") else path
@@ -178,7 +189,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=768):
     Decode a video file with PyAV -> (frames [n, H, W, 3] uint8 at the sampled indices, indices, video fps).
     The frame count comes from the container; if it is missing or too large, the frames are counted by decoding.
     """
-    path = os.fspath(path)
+    path = file_name(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:

@@ -413,12 +413,12 @@ class Tokenizer:
             if isinstance(content, str):
                 return [("text", content)]
             if not isinstance(content, (list, tuple)):
-                raise TypeError(f"a {role} message's content={content!r}: must be a string, a list of items or None")
+                raise TypeError(f"{role} message content={content!r}: must be a string, a list of items or None")
             items = []
             for item in content:
                 kind = content_kind(item)
                 if kind != "text" and role in ("system", "assistant"):
-                    raise ValueError(f"a {role} message can hold only text, got a {kind} "
+                    raise ValueError(f"{'an' if role == 'assistant' else 'a'} {role} message can hold only text, got a {kind} "
                                      "(the Qwen3-VL template would drop it)")
                 if kind == "text" and not isinstance(item["text"], str):
                     raise TypeError(f"text item {item!r}: 'text' must be a string")
@@ -502,7 +502,7 @@ class Tokenizer:
 def content_kind(item):
     """The template's test for a content item: image, video or text (in that order)."""
     if not isinstance(item, dict):
-        raise ValueError(f"content items are dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
+        raise TypeError(f"content items are dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
     if item.get("type") == "image" or "image" in item or "image_url" in item:
         return "image"
     if item.get("type") == "video" or "video" in item:

@@ -373,7 +373,7 @@ def test_lone_surrogate_is_replaced_in_every_turn(small_tok):
     ("hello", TypeError, "messages=str: must be a list of message dicts"),
     (["hello"], TypeError, "messages[0]='hello': must be a dict with 'role' and 'content'"),
     ([{"content": "hi"}], ValueError, "message 0 has role None; expected system, user, assistant or tool"),
-    ([{"role": "user", "content": 42}], TypeError, "a user message's content=42: must be a string, a list of items or "
+    ([{"role": "user", "content": 42}], TypeError, "user message content=42: must be a string, a list of items or "
                                                    "None"),
     ([{"role": "user", "content": [{"type": "text", "text": None}]}], TypeError,
      "text item {'type': 'text', 'text': None}: 'text' must be a string"),
