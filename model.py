@@ -79,7 +79,7 @@ class VisionConfig:
         for name, (low, high) in VISION_LIMITS.items():
             check_number(f"vision.{name}", getattr(self, name), low, high, integer=True)
         head_dim, rest = divmod(self.hidden_size, self.num_heads)
-        if rest or head_dim % 4:              # 2-D RoPE: a quarter of each head's dims turns with rows, one with columns
+        if rest or head_dim % 4:              # 2-D RoPE: a quarter of a head's dims turns with rows, one with columns
             raise ValueError(f"vision.num_heads={self.num_heads}: must divide vision.hidden_size={self.hidden_size} "
                              "into heads whose size is a multiple of 4")
         side = math.isqrt(self.num_position_embeddings)
@@ -598,8 +598,9 @@ class Qwen3VL(nn.Module):
             K = kv_cache.max_len if kv_cache is not None else S
             _check_tensor("attention_mask", attention_mask, (B, None), f"[B, S] = [{B}, {S}]", None)
             if not S <= attention_mask.shape[1] <= K:
-                raise ValueError(f"attention_mask of shape {list(attention_mask.shape)}: must be [{B}, {S}] (as input_ids)"
-                                 + (f" or up to [{B}, {K}] (the cache)" if K > S else ""))
+                cache = f" or up to [{B}, {K}] (the cache)" if K > S else ""
+                raise ValueError(f"attention_mask of shape {list(attention_mask.shape)}: must be [{B}, {S}] "
+                                 f"(as input_ids){cache}")
         if labels is not None:
             _check_tensor("labels", labels, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", INDEX_DTYPES)
         if document_ids is not None:
@@ -612,7 +613,7 @@ class Qwen3VL(nn.Module):
                 raise ValueError(f"position_ids of shape {list(position_ids.shape)}: must be [3, {B}, {S}] (t, h, w) "
                                  f"or [{B}, {S}]")
         patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-        modalities = []                                 # (name, pixels, grid, placeholder id)
+        modalities = []                                 # (name, pixels' argument name, pixels, grid, placeholder id)
         for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
                                              ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
             pixels_name = "pixel_values" if name == "image" else "pixel_values_videos"
@@ -631,7 +632,7 @@ class Qwen3VL(nn.Module):
         if not (check_values and prompt):
             return
 
-        # one read-back for every value below
+        # one read-back for the ids, labels, placeholders and pixels (the grids, a few numbers, come with their own)
         stats = {"min id": input_ids.min(), "max id": input_ids.max()}
         if labels is not None:
             stats.update({"min label": labels.masked_fill(labels == -100, 0).min(), "max label": labels.max()})
@@ -659,15 +660,17 @@ class Qwen3VL(nn.Module):
             if pixels is not None and n_rows != pixels.shape[0]:
                 raise ValueError(f"{name}_grid_thw={rows}: sum(t*h*w) = {n_rows} must equal the rows of "
                                  f"{pixels_name} ({pixels.shape[0]})")
+            slots, runs = stats[f"{name} slots"], stats[f"{name} blocks"]
+            if pixels is None and slots:
+                raise ValueError(f"{name} placeholder tokens ({slots}) in input_ids: need {pixels_name} and "
+                                 f"{name}_grid_thw")
             n_features, n_groups = n_rows // m ** 2, sum(t for t, _, _ in rows)
-            if stats[f"{name} slots"] != n_features:
-                raise ValueError(f"{name} placeholder tokens ({stats[f'{name} slots']}) do not match the {name} "
-                                 f"features ({n_features} from grids {rows})" if pixels is not None else
-                                 f"{name} placeholder tokens ({stats[f'{name} slots']}) in input_ids: need "
-                                 f"{pixels_name} and {name}_grid_thw")
-            if stats[f"{name} blocks"] != n_groups:
-                raise ValueError(f"{name} placeholder tokens come in {stats[f'{name} blocks']} runs: must be one run "
-                                 f"per {name} frame group ({n_groups} from grids {rows})")
+            if slots != n_features:
+                raise ValueError(f"{name} placeholder tokens ({slots}) do not match the {name} features "
+                                 f"({n_features} from grids {rows})")
+            if runs != n_groups:
+                raise ValueError(f"{name} placeholder tokens come in {runs} runs: must be one run per {name} frame "
+                                 f"group ({n_groups} from grids {rows})")
             if pixels is not None and check_finite and not stats[f"{name} finite"]:
                 raise ValueError(f"{pixels_name} holds NaN or infinite values: must be finite (check_finite=False "
                                  "skips this check)")

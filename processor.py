@@ -339,7 +339,8 @@ class Processor:
         for anything else malformed (chats, messages, images, videos, frame rates).
         """
         if not isinstance(conversations, (list, tuple)):
-            raise TypeError(f"conversations={type(conversations).__name__}: must be a list of chats (lists of messages)")
+            raise TypeError(f"conversations={type(conversations).__name__}: must be a list of chats (lists of "
+                            "messages)")
         if not conversations:
             raise ValueError("conversations=[]: must hold at least one chat")
         if isinstance(conversations[0], dict):

@@ -36,7 +36,6 @@ Command line (streams the answer; --ground draws the boxes/points of a grounding
 """
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -50,7 +49,7 @@ EOS_IDS = (151645, 151643)        # <|im_end|>, <|endoftext|> (Qwen3-VL's genera
 PAD_ID = 151643                   # <|endoftext|>: what the processor pads with and finished rows emit
 INSTRUCT = dict(temperature=0.7, top_k=20, top_p=0.8, presence_penalty=1.5, repetition_penalty=1.0)
 CACHE_BLOCK = 256                 # with cuda_graph, cache lengths are rounded up to this: fewer shapes to compile
-GREEDY_BELOW = 1e-5               # a temperature below this is greedy (as vLLM): the logits / it would overflow
+GREEDY_BELOW = 1e-5               # a temperature below this is greedy (as in vLLM): logits / it can overflow float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     Returns tokens [B, max_new_tokens] long; with return_logprobs, (tokens, logprobs [B, max_new_tokens] float32),
     the log-probs of the raw model distribution, 0 after a row's EOS.
     Every argument is checked before any work (TypeError / ValueError naming it): the numbers (check_sampling);
-    eos_ids in [0, vocab_size), pad_id an integer; the inputs' shapes (Qwen3VL.check_inputs); prompt + max_new_tokens
+    eos_ids in [0, vocab_size), pad_id an int64; the inputs' shapes (Qwen3VL.check_inputs); prompt + max_new_tokens
     within the context. The prefill then checks the inputs' values (ids in range, grids, finite pixels); the
     decode steps check nothing that would read the device.
     """
@@ -170,7 +169,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     eos_ids = list(eos_ids)
     for i, eos in enumerate(eos_ids):
         check_number(f"eos_ids[{i}]", eos, 0, vocab - 1, integer=True)
-    check_number("pad_id", pad_id, integer=True)             # any integer: it is only written, never read
+    check_number("pad_id", pad_id, -2**63, 2**63 - 1, integer=True)     # any int64: it is only written, never read
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator={generator!r}: must be a torch.Generator or None")
     if on_token is not None and not callable(on_token):

@@ -79,13 +79,17 @@ def bytes_to_unicode():
 
 
 def read_tiktoken_file(path):
-    """A tiktoken ranks file: one line `base64(token bytes) rank` per token."""
+    """A tiktoken ranks file: one line `base64(token bytes) rank` per token; ValueError naming a line that is not."""
     ranks = {}
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:                     # wrong field count, bad base64 (binascii.Error), bad rank
+                    raise ValueError(f"{os.fspath(path)} line {n}: must be 'base64(token bytes) rank', got "
+                                     f"{line[:60]!r}") from None
     return ranks
 
 
@@ -418,7 +422,8 @@ class Tokenizer:
             for item in content:
                 kind = content_kind(item)
                 if kind != "text" and role in ("system", "assistant"):
-                    raise ValueError(f"{'an' if role == 'assistant' else 'a'} {role} message can hold only text, got a {kind} "
+                    article = "an" if role == "assistant" else "a"
+                    raise ValueError(f"{article} {role} message can hold only text, got a {kind} "
                                      "(the Qwen3-VL template would drop it)")
                 if kind == "text" and not isinstance(item["text"], str):
                     raise TypeError(f"text item {item!r}: 'text' must be a string")

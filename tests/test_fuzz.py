@@ -129,7 +129,7 @@ numbers = st.one_of(st.integers(-3, 5), st.floats(allow_nan=True, allow_infinity
        top_k=mostly(st.integers(0, 10**6), numbers), top_p=mostly(st.floats(1e-9, 1), numbers),
        repetition_penalty=mostly(st.floats(1e-3, 1e3), numbers), presence_penalty=mostly(st.floats(-1e6, 1e6), numbers),
        eos_ids=mostly(st.lists(st.integers(0, 151935), max_size=2), st.one_of(
-           st.lists(st.integers(-5, 200_000), max_size=2), numbers)), pad_id=mostly(st.integers(-1, 151935), numbers))
+           st.lists(st.integers(-5, 200_000), max_size=2), numbers)), pad_id=mostly(st.integers(-1, 151935), st.one_of(numbers, st.integers())))
 def test_generate_raises_only_documented_errors(pair, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                                  presence_penalty, eos_ids, pad_id):
     kw = make_batch([[("text", 4)], [("text", 6)]])

@@ -36,8 +36,8 @@ def raises(error, message, fn, *args, **kwargs):
 
 def digest(folder):
     """Every file under `folder` with the hash of its bytes: equal before and after means nothing was written."""
-    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(folder) for f in files}
+    paths = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+    return {os.path.relpath(p, folder): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,15 @@ def test_preprocessor_budgets_are_bounded(tmp_path, small_tok, pre, error, messa
     raises(error, f"{str(file)!r}: {message}", load_processor, tmp_path)
 
 
+def test_corrupt_tokenizer_file_is_named(tmp_path, small_tok):
+    small_tok.save(tmp_path / "tokenizer.tiktoken")
+    with open(tmp_path / "tokenizer.tiktoken", "ab") as f:
+        f.write(b"not-base64! 12\n")
+    line = len(small_tok.ranks) + 1                           # the one after the ranks
+    raises(ValueError, f"{tmp_path}/tokenizer.tiktoken line {line}: must be 'base64(token bytes) rank', got "
+                       "b'not-base64! 12\\n'", load_processor, tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ forward inputs
 def batch_with(**changes):
     kw = make_batch(IMAGE_ROW)
@@ -329,7 +338,9 @@ GENERATE_CASES = [   # (argument, value, error, message)
                                                "1000000.0]"),
     ("eos_ids", 151645, TypeError, "eos_ids=151645: must be a list of token ids"),
     ("eos_ids", [151645, 10**9], ValueError, "eos_ids[1]=1000000000: must be an integer in [0, 151935]"),
-    ("pad_id", "pad", TypeError, "pad_id='pad': must be an integer"),
+    ("pad_id", "pad", TypeError, "pad_id='pad': must be an integer in [-9223372036854775808, 9223372036854775807]"),
+    ("pad_id", 2**63, ValueError, "pad_id=9223372036854775808: must be an integer in [-9223372036854775808, "
+                                  "9223372036854775807]"),
     ("generator", 0, TypeError, "generator=0: must be a torch.Generator or None"),
     ("on_token", "print", TypeError, "on_token='print': must be callable or None"),
     ("attention_mask", torch.ones(1, 3, dtype=torch.long), ValueError,
