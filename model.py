@@ -16,8 +16,10 @@ Forward pass flow (Qwen3VL.forward)
     pixel_values ──VisionEncoder──> tokens [N/4, H], deepstack [3 x [N/4, H]]
         tokens scattered into x at placeholder positions; deepstack scattered into zero tensors [B, S, H]
     rope_index(input_ids, grids) ──> 3-D positions [3, B, S] ──mrope_cos_sin──> cos, sin
+    attention mask: dense [B, 1, S, K] (SDPA), or for packed training rows on the GPU a block mask (FlexAttention)
     for layer l: x = DecoderLayer_l(x);  if l < 3: x = x + deepstack[l]
-    logits = lm_head(norm(x))  [B, S, V];  loss = cross-entropy of next-token labels (optional)
+    logits = lm_head(norm(x))  [B, S, V] (or norm(x) itself: return_hidden);  loss = cross-entropy of next-token
+        labels (optional), head and cross-entropy chunk by chunk (chunked_cross_entropy)
 """
 import json
 import math
@@ -29,7 +31,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+import flex
 from checks import check_number
 from moe import SparseMoeBlock, is_moe_layer, load_balancing_loss
 from rope import apply_rotary, mrope_cos_sin, rope_index
@@ -366,6 +370,8 @@ class Attention(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (decoding)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
+        """x [B, S, H]; mask: None (causal), a bool [B or 1, 1, S, K] (True = attend; SDPA) or a flex.BlockMask
+        (FlexAttention, no cache). Returns [B, S, H]."""
         B, S, _ = x.shape
         if self.qkv_weight is not None and not torch.is_grad_enabled():  # decoding: one product (fuse_projections)
             q, k, v = F.linear(x, self.qkv_weight).split([self.q_proj.out_features, self.k_proj.out_features,
@@ -379,6 +385,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, max_len, hd]
+        if isinstance(mask, flex.BlockMask):  # packed rows on the GPU: only the blocks of keys the mask keeps
+            # q, k in v's dtype: q_norm's fp32 weight promotes them under autocast (SDPA casts likewise)
+            y = flex.attention(q.to(v.dtype), k.to(v.dtype), v, mask)                       # [B, nh, S, hd]
+            return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
         gqa = self.n_kv != self.n_heads
         if gqa and mask is not None and S > 1:  # the fused kernels that take a mask do not take grouped kv heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)   # each kv head serves n_heads/n_kv q heads
@@ -468,6 +478,63 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Packed attention mask and the chunked loss
+
+
+def packed_block_mask(document_ids, attention_mask, S, device):
+    """
+    The decoder's mask as a flex.BlockMask, with the dense mask's rule (Qwen3VL.forward): key j is seen by query i
+    when j <= i, j is not padding (attention_mask) or is i itself, and both are in one document (document_ids).
+    document_ids [B, S] and attention_mask [B, S] are each optional; without either the mask is causal.
+    """
+    rows = document_ids if document_ids is not None else attention_mask
+    B = 1 if rows is None else rows.shape[0]                                               # 1: the same for every row
+    real = None if attention_mask is None else attention_mask.bool()                       # [B, S]
+
+    def mask_mod(b, h, q, kv):
+        keep = kv <= q
+        if real is not None:
+            keep = keep & (real[b, kv] | (kv == q))
+        if document_ids is not None:
+            keep = keep & (document_ids[b, q] == document_ids[b, kv])
+        return keep
+
+    return flex.block_mask(mask_mod, B, S, device)
+
+
+def chunked_cross_entropy(hidden, weight, targets, weights=None, reduction="mean", chunk_size=1024,
+                          ignore_index=-100):
+    """
+    Cross-entropy of the head F.linear(hidden, weight) against targets, computed `chunk_size` tokens at a time.
+    Each chunk's logits (float32, [chunk_size, V]) exist only inside a checkpointed function: the forward keeps
+    nothing of them and the backward recomputes them chunk by chunk, so the [tokens, V] logits never exist at once.
+    hidden [..., H] (any dtype; under autocast the head runs in its dtype, the softmax in float32), weight [V, H],
+    targets [...] long (ignore_index: no loss), weights [...] float or None: each target's factor.
+    reduction "sum": sum of weight x cross-entropy over the targets; "mean": that sum over the number of targets
+    (not ignored), as F.cross_entropy(reduction="mean") when there are no weights. Returns a float32 scalar.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])                                          # [T, H]
+    targets = targets.reshape(-1)                                                          # [T]
+    weights = None if weights is None else weights.reshape(-1)                             # [T]
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk_size):
+        part = slice(i, i + chunk_size)
+        total = total + checkpoint(
+            _chunk_cross_entropy, hidden[part], weight, targets[part], None if weights is None else weights[part],
+            ignore_index, use_reentrant=False)
+    return total / (targets != ignore_index).sum() if reduction == "mean" else total
+
+
+def _chunk_cross_entropy(hidden, weight, targets, weights, ignore_index):
+    """hidden [n, H], weight [V, H], targets [n], weights [n] or None -> the (weighted) sum of cross-entropies []."""
+    logits = F.linear(hidden, weight).float()                                              # [n, V]
+    ce = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")     # [n], 0 where ignored
+    return (ce if weights is None else ce * weights).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The vision-language model
 
 INDEX_DTYPES = (torch.int64, torch.int32)            # what nn.Embedding and the index ops take
@@ -491,6 +558,10 @@ class Qwen3VL(nn.Module):
         super().__init__()
         cfg.validate()                                    # again: the fields may have been changed since construction
         self.cfg = cfg
+        # attention of the decoder: "sdpa" (a dense [B, 1, S, K] mask when one is needed), "flex" (FlexAttention with a
+        # block mask: packed rows without the O(S^2) mask, no KV cache) or "auto": flex on CUDA for packed rows
+        # (document_ids), sdpa otherwise. The ViT has its own switch, self.visual.attn_impl.
+        self.attn_impl = "auto"
         self.visual = VisionEncoder(cfg.vision)
         self.language_model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
@@ -565,14 +636,14 @@ class Qwen3VL(nn.Module):
 
     def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                      pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
-                     document_ids=None, check_values=True, check_finite=True):
+                     document_ids=None, loss_weights=None, check_values=True, check_finite=True):
         """
         The one check of forward's inputs, made before any work: TypeError for what is not a tensor of the right
         kind, ValueError '<argument> ...: <what is allowed>' for the rest.
         Shapes, dtypes and devices, on every call (metadata only: a decode step captured in a CUDA graph runs them
         at trace time and they never read the device): input_ids [B, S] int64/int32 with B, S >= 1 and, on a
         prompt, S within the context; attention_mask [B, S] (with a kv_cache [B, S .. max_len]); labels,
-        document_ids [B, S] (document_ids not with a cache); position_ids [3, B, S] or [B, S]; pixel rows
+        document_ids [B, S] (document_ids not with a cache); loss_weights [B, S] float, with labels; position_ids [3, B, S] or [B, S]; pixel rows
         [N, in_channels * temporal_patch_size * patch_size^2] float, each with its grid [n, 3] integer; a KVCache of
         batch B.
         Values, with check_values and on a prompt (not on the decode steps that follow it), read back to the host
@@ -603,6 +674,10 @@ class Qwen3VL(nn.Module):
                                  f"(as input_ids){cache}")
         if labels is not None:
             _check_tensor("labels", labels, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", INDEX_DTYPES)
+        if loss_weights is not None:
+            _check_tensor("loss_weights", loss_weights, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", FLOAT_DTYPES)
+            if labels is None:
+                raise ValueError("loss_weights without labels: they weigh the labels' loss terms")
         if document_ids is not None:
             _check_tensor("document_ids", document_ids, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", INDEX_DTYPES)
             if kv_cache is not None:
@@ -712,7 +787,8 @@ class Qwen3VL(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
-                aux_loss=False, document_ids=None, run_vision=False, check_finite=True):
+                aux_loss=False, document_ids=None, run_vision=False, return_hidden=False, loss_weights=None,
+                loss_reduction="mean", check_finite=True):
         """
         input_ids [B, S]; attention_mask [B, S], 1 = real token, left padding (with a kv_cache: [B, past + S] or
         [B, max_len]); pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
@@ -722,7 +798,13 @@ class Qwen3VL(nn.Module):
         aux_loss (MoE): with labels, add router_aux_loss_coef x the load-balancing loss over every sparse layer
         (moe.load_balancing_loss, padding masked by attention_mask [B, S]). Off by default, as in the reference, which
         adds it only when called with output_router_logits=True.
-        Returns logits [B, S, V] and the mean next-token cross-entropy (None without labels).
+        The loss (chunked_cross_entropy: the head and cross-entropy chunk by chunk, never [B, S, V] fp32 at once):
+        with loss_reduction="mean" (default) the mean next-token cross-entropy over the targets; with "sum" their sum
+        (a caller normalising over several micro-batches divides by its own count); loss_weights [B, S] float
+        scales each label's term (aligned with labels: weight [b, s] for labels [b, s]).
+        Returns logits [B, S, V] (return_hidden=True: the final normed hidden states [B, S, H] instead, what the head
+        reads, so that no logits are made) and the loss (None without labels).
+        attn_impl (self.attn_impl): see __init__; document_ids with "flex" give a block mask instead of [B, 1, S, S].
         The inputs are checked first (check_inputs: TypeError / ValueError): their shapes on every call, their values
         (ids in range, grids against pixels, finite pixels unless check_finite=False) unless decoding from a cache.
         After the call, `self.router_logits` holds the router logits [B*S, E] of every sparse layer (an empty tuple
@@ -730,7 +812,7 @@ class Qwen3VL(nn.Module):
         moe.load_balancing_loss(model.router_logits, k, mask), and moe.tokens_per_expert(...) gives the load per layer.
         """
         self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                          labels, position_ids, kv_cache, document_ids, check_finite=check_finite)
+                          labels, position_ids, kv_cache, document_ids, loss_weights, check_finite=check_finite)
         prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
         B, S = input_ids.shape
         cfg = self.cfg.text
@@ -751,12 +833,20 @@ class Qwen3VL(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
                                  cfg.mrope_interleaved)                                     # [B, S, hd] float32
 
-        # attention mask [B, 1, S, K]: causal (which also hides the cache slots not yet written) and not padding;
-        # every query keeps its own key so that the rows of padding tokens never become all -inf (which would turn
-        # them, and through v, others, into NaN). With a cache, attention_mask covers slots 0 .. past+S-1 (or all K):
-        # the slots after it hold generated tokens, which are always real.
-        mask = None
-        if attention_mask is not None or kv_cache is not None or document_ids is not None:
+        impl = self.attn_impl
+        if impl not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flex', not {impl!r}")
+        if impl == "auto":
+            impl = "flex" if x.is_cuda and document_ids is not None and kv_cache is None else "sdpa"
+        if impl == "flex":
+            if kv_cache is not None:
+                raise ValueError("attn_impl='flex' runs whole sequences (training, scoring); decode with 'sdpa'")
+            mask = packed_block_mask(document_ids, attention_mask, S, x.device)
+        # otherwise a dense attention mask [B, 1, S, K]: causal (which also hides the cache slots not yet written) and
+        # not padding; every query keeps its own key so that the rows of padding tokens never become all -inf (which
+        # would turn them, and through v, others, into NaN). With a cache, attention_mask covers slots 0 .. past+S-1
+        # (or all K): the slots after it hold generated tokens, which are always real.
+        elif attention_mask is not None or kv_cache is not None or document_ids is not None:
             k_pos = torch.arange(K, device=x.device)                                       # [K]
             mask = k_pos[None, :] <= q_pos[:, None]                                        # [S, K]
             if attention_mask is not None:
@@ -766,6 +856,8 @@ class Qwen3VL(nn.Module):
             if document_ids is not None:                                                   # packed samples
                 mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])       # [B, S, S]
             mask = mask.view(-1, 1, S, K)
+        else:
+            mask = None                                                                    # causal, in the kernel
 
         router_logits = []                                    # [B*S, E] of each sparse (MoE) layer, in order
         for i, layer in enumerate(self.language_model.layers):
@@ -776,17 +868,18 @@ class Qwen3VL(nn.Module):
                 x = x + deepstack[i]                          # DeepStack: zero except at visual positions
         if kv_cache is not None:
             kv_cache.pos.add_(S)                              # in place: a captured CUDA graph replays the advance
-        logits = self.lm_head(self.language_model.norm(x))                                 # [B, S, V]
-
+        x = self.language_model.norm(x)                                                    # [B, S, H]
         self.router_logits = tuple(router_logits)             # routing of this forward (statistics, aux loss)
 
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if labels is not None:      # position s predicts token s + 1: targets are the labels shifted left by one
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)                             # [B, S]
+            weights = None if loss_weights is None else F.pad(loss_weights[:, 1:], (0, 1))  # [B, S]
+            loss = chunked_cross_entropy(x, self.lm_head.weight, targets, weights, reduction=loss_reduction)
             if aux_loss and router_logits:     # MoE: + coef x Switch load-balancing loss (moe.py)
                 loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_logits, cfg.num_experts_per_tok,
                                                                              attention_mask)
-        return logits, loss
+        return (x if return_hidden else self.lm_head(x)), loss                            # [B, S, H] or [B, S, V]
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints: Hugging Face Qwen3-VL directories (config.json + safetensors, one file or a sharded index)

@@ -235,37 +235,55 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
 
 
 def load(path, device="cpu", dtype=None):
-    """(model, tokenizer, processor) from a Hugging Face Qwen3-VL directory or one of our checkpoint directories."""
-    tok, processor = load_processor(path)
-    model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
-    return model, tok, processor
+    """(model, tokenizer, processor) from a Hugging Face Qwen3-VL directory, a train.py checkpoint or a train.py
+    output directory (its latest good checkpoint)."""
+    path, tok, processor = load_processor(path)
+    return load_model(path, device, dtype), tok, processor
 
 
 def load_processor(path):
     """
-    (tokenizer, processor) of a checkpoint directory, with the image pixel budgets the model was trained with: ours
-    write min/max_pixels, Hugging Face size.shortest/longest_edge (preprocessor_config.json; the Processor bounds
-    them). FileNotFoundError without the directory; ValueError / TypeError naming the file for bad budgets.
+    (checkpoint directory, tokenizer, processor) of what `load` takes, with the image pixel budgets the model was
+    trained with (read_budgets; the Processor bounds them). Reads no weights. FileNotFoundError without the
+    directory; ValueError / TypeError naming the file for bad budgets.
     """
     from processor import Processor
     from tokenizer import Tokenizer
+    from train import checkpoint_dir
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init_from {path!r}: no such checkpoint directory (expected config.json, "
                                 "safetensors and the tokenizer files)")
+    path = checkpoint_dir(path) or path                # one of train.py's checkpoints (or its run's folder)
     tok = Tokenizer.from_pretrained(path)
+    budgets = read_budgets(path)
+    try:
+        return path, tok, Processor(tok, **budgets)
+    except (TypeError, ValueError) as e:                  # the same error, saying which file it comes from
+        raise type(e)(f"{os.path.join(path, 'preprocessor_config.json')!r}: {e}") from e
+
+
+def load_model(path, device="cpu", dtype=None):
+    """The model of a checkpoint directory (as load_processor returns it): train.py's or a Hugging Face one."""
+    from train import checkpoint_dir, load_trained
+    if checkpoint_dir(path):
+        return load_trained(path, device, dtype).eval()
+    return Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
+
+
+def read_budgets(path):
+    """The image pixel budgets a checkpoint was trained with: ours write min/max_pixels, Hugging Face
+    size.shortest/longest_edge; {} without a preprocessor_config.json. ValueError / TypeError naming the file for
+    one that is not a JSON object with an object `size`."""
     file = os.path.join(path, "preprocessor_config.json")
     if not os.path.isfile(file):
-        return tok, Processor(tok)
+        return {}
     pre = read_json(file)
     size = pre.get("size", {})
     if not isinstance(size, dict):
         raise TypeError(f"{file!r}: size={size!r}: must be a JSON object")
     budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
                    max_pixels=pre.get("max_pixels", size.get("longest_edge")))
-    try:
-        return tok, Processor(tok, **{k: v for k, v in budgets.items() if v is not None})
-    except (TypeError, ValueError) as e:                  # the same error, saying which file it comes from
-        raise type(e)(f"{file!r}: {e}") from e
+    return {k: v for k, v in budgets.items() if v is not None}
 
 
 class TextStream:
@@ -348,12 +366,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = check_args(args)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tok, processor = load_processor(args.init_from)
+    checkpoint, tok, processor = load_processor(args.init_from)
     content = [{"type": "image", "image": f} for f in args.image] + [{"type": "video", "video": f} for f in args.video]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
     batch = processor([messages], add_generation_prompt=True)        # decodes the images and videos
-    model = Qwen3VL.from_pretrained(args.init_from, device=device, dtype=dtype).eval()
+    model = load_model(checkpoint, device, dtype)
     if args.compile:
         model.fuse_projections()
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and v is not None}

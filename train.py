@@ -1,42 +1,47 @@
 """
-Train Qwen3-VL: the paper's recipe as settings of one training loop (Qwen3-VL Technical Report §3.1, §4.1).
+Train Qwen3-VL: the paper's recipe as settings of one training loop (Qwen3-VL Technical Report §3.1, §4.1), on any
+data behind the interface of data/__init__.py.
 
-    python train.py                                   # toy-cpu on the toy world: every stage, eval, sample, plots
+    python train.py                                   # the toy run: toy-cpu on the toy world, every stage, eval, plots
     python train.py --out_dir out/toy --resume        # continue exactly where a stopped run left off
-    python train.py --preset toy-gpu --batch_size 32 --seq_len 512                     # one GPU
+    python train.py --init_from Qwen3-VL-2B-Instruct --data my.jsonl --eval_data held_out.jsonl --stages sft:500
+    python train.py --preset toy-cpu --data my.jsonl --stages pretrain:2000,sft:500     # from scratch, your data
     torchrun --nproc_per_node 8 train.py --preset qwen3-vl-8b --activation_checkpointing ...   # FSDP2, one node
     python train.py --plan --preset qwen3-vl-8b --seq_len 4096 --batch_size 1 --n_gpus 2     # memory/FLOPs plan
 
-Stages (`--stages name:steps,...`, run in order):
-    align     stage 0: only the mergers learn (ViT and LLM frozen), on image captions
-    shapes    stage 1 opens: all weights, captions and attribute questions only (the names of the shapes)
-    pretrain  stage 1: all weights, every task but video, next-token loss on every text token
-    video     stage 1 continued: the same with videos added (three times as often as most tasks), and
-              text-only colour look-ups (three times too)
-    long      stage 2: all weights, rows of 2x seq_len packed with more long (video, multi-image) samples
-    binding   SFT's first part: two-object attribute questions ("What color is the square?") and videos
-    sft       chat-formatted data, loss on the assistant's tokens only; the mix adds two-object attribute
-              questions (data/toyworld.py MIXES["sft"]). After other stages the first of binding / sft
-              restarts the learning rate
+Stages (`--stages name:steps,...`, run in order), the paper's:
+    align     stage 0: only the mergers learn (ViT and LLM frozen), loss on the replies
+    pretrain  stage 1: all weights, next-token loss on every text token
+    long      stage 2: all weights, rows of 2x seq_len
+    sft       post-training: loss on the assistant's tokens only; after other stages its learning rate restarts
+A dataset may name stages of its own, each a setting of one of these with its own mix (the toy recipe, data/toy.py:
+shapes, video, binding).
 
-Data: every row packs whole samples; attention never crosses samples (`document_ids`) and each sample's 3-D
-positions start at 0. Row r of the run is filled from its own range of the train split, so any rank can build
-any row: the data position is the step, and a run on N GPUs sees exactly the rows of a run on one.
+Data: `--data` is `toy` (the built-in toy world, with the toy recipe's settings as defaults: data/toy.py) or JSONL
+conversations (data/jsonl.py), several with weights: `--data a.jsonl:3,b.jsonl:1`. Every row packs whole samples;
+attention never crosses samples (`document_ids`) and each sample's 3-D positions start at 0. Row r of the run is
+filled from its own range of sample numbers, so any rank can build any row: the data position is the step, and a
+run on N GPUs sees exactly the rows of a run on one.
 Optimisation: AdamW with decay groups, warmup + one cosine over the run (post-training after other stages: its
 own, at --sft_lr_ratio x --lr), global-norm clipping, bf16 autocast (one GPU) or FSDP2 bf16 parameters with fp32
-gradient reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens,
-across micro-steps and ranks, so it does not depend on how it is split.
+gradient reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens
+(or, with --loss_weighting sqrt, each sample's tokens weighted by 1/sqrt(its token count)), across micro-steps and
+ranks, so it does not depend on how it is split.
 Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
-(resumable on any number of ranks), the step, the RNG states, the run settings and the tokenizer; it is written
-under a temporary name and then renamed, and out_dir/latest is replaced atomically, so a kill during a save
-leaves the previous checkpoint in place. The end of a run exports out_dir/hf/, a Hugging Face directory.
+(resumable on any number of ranks), the step, the RNG states, the run settings, the tokenizer and the image budgets;
+it is written under a temporary name and then renamed, and out_dir/latest is replaced atomically, so a kill during
+a save leaves the previous checkpoint in place. Nothing read back from a checkpoint can run code. A checkpoint (or
+the run's folder) loads in sample.py, eval.py and as --init_from of the next run. The end of a run exports
+out_dir/hf/, a Hugging Face directory.
 """
 import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -48,66 +53,88 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from data import BadSample, open_data
+from eval import evaluate, report
 from model import PRESETS, Qwen3VL, Qwen3VLConfig, read_hf_config
-from rope import rope_index
 from moe import load_balancing_loss
 from processor import Processor
+from rope import rope_index
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Run settings
 
-STAGES = {   # name -> task mix of the toy world, trainable part, tokens that carry loss, row length multiplier,
-             # and whether it is post-training (SFT: the learning rate restarts at the first such stage, lr_at)
-    "align": dict(mix="align", trainable="mergers", loss_on="assistant", seq_mult=1, post=False),
-    "shapes": dict(mix="shapes", trainable="all", loss_on="text", seq_mult=1, post=False),
-    "pretrain": dict(mix="all", trainable="all", loss_on="text", seq_mult=1, post=False),
-    "video": dict(mix="video", trainable="all", loss_on="text", seq_mult=1, post=False),
-    "long": dict(mix="long", trainable="all", loss_on="text", seq_mult=2, post=False),
-    "binding": dict(mix="binding", trainable="all", loss_on="assistant", seq_mult=1, post=True),
-    "sft": dict(mix="sft", trainable="all", loss_on="assistant", seq_mult=1, post=True),
+STAGES = {   # the paper's stages: trainable part, tokens that carry loss, row length multiplier, and whether it is
+             # post-training (the learning rate restarts at the first such stage that follows others, lr_at)
+    "align": dict(trainable="mergers", loss_on="assistant", seq_mult=1, post=False),
+    "pretrain": dict(trainable="all", loss_on="text", seq_mult=1, post=False),
+    "long": dict(trainable="all", loss_on="text", seq_mult=2, post=False),
+    "sft": dict(trainable="all", loss_on="assistant", seq_mult=1, post=True),
 }
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from data.toy import SETTINGS
+    toy = ", ".join(f"--{k} {v}" for k, v in SETTINGS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter,
+                                epilog=__doc__.split("\n\n", 1)[1] + f"\nWith --data toy (the default) the toy recipe "
+                                f"(data/toy.py) replaces the defaults below: {toy}, --out_dir out/toy.")
     # model
-    p.add_argument("--preset", default="toy-cpu", help="model size (model.PRESETS); ignored with --init_from")
-    p.add_argument("--init_from", default="", help="a Hugging Face Qwen3-VL directory (weights + tokenizer) to start from")
-    p.add_argument("--vocab_size", type=int, default=1024, help="size of the BPE trained on the toy world (no --init_from)")
-    p.add_argument("--pos_embed_std", type=float, default=0.5, help="initial std of the ViT's position table (from "
-                   "scratch; 0.5: about the patch features' scale, so tokens know where they are; see README)")
-    p.add_argument("--tokenizer", default="", help="a ranks file or HF directory (default: a new BPE for toy presets, "
-                                                   "data/qwen.tiktoken for released ones)")
+    p.add_argument("--preset", default="toy-cpu", choices=list(PRESETS), help="model size; ignored with --init_from")
+    p.add_argument("--init_from", default="", help="start from a Hugging Face Qwen3-VL directory, a train.py "
+                   "checkpoint, or a train.py output directory (its latest checkpoint): weights and tokenizer")
+    p.add_argument("--tokenizer", default="", help="a ranks file or HF directory (default: the checkpoint's; a new "
+                   "BPE on the toy world's text for toy presets on toy data; else data/qwen.tiktoken)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="size of the BPE trained for a toy preset on toy data")
+    p.add_argument("--pos_embed_std", type=float, default=0.02, help="initial std of the ViT's position table "
+                   "(from scratch; the reference's initializer_range)")
     # data
-    p.add_argument("--image_size", type=int, default=96, help="toy world image side in pixels (a multiple of 32)")
-    p.add_argument("--stages", default="align:240,shapes:160,pretrain:600,video:480,long:140,binding:120,sft:480",
-                   help="name:steps,... in order")
-    p.add_argument("--batch_size", type=int, default=4, help="packed rows per micro-step per rank")
-    p.add_argument("--seq_len", type=int, default=192, help="tokens per packed row (x2 in the long stage)")
+    p.add_argument("--data", default="toy", help="'toy' or JSONL files with weights: a.jsonl:3,b.jsonl:1")
+    p.add_argument("--eval_data", default="", help="JSONL files scored during training (default: the toy world's "
+                   "validation split with --data toy, else none)")
+    p.add_argument("--test_data", default="", help="JSONL files scored at the end (default: the toy world's test "
+                   "split with --data toy, else --eval_data)")
+    p.add_argument("--skip_bad_samples", action="store_true", help="skip (and count) samples that cannot be used "
+                   "(malformed lines, missing images, longer than a row) instead of stopping with an error")
+    p.add_argument("--image_size", type=int, default=96, help="the toy world's image side in pixels (a multiple of 32)")
+    p.add_argument("--min_pixels", type=int, default=0, help="image pixel budget, lower (0: the checkpoint's, the toy "
+                   "world's, or the released processor's)")
+    p.add_argument("--max_pixels", type=int, default=0, help="image pixel budget, upper (0: as --min_pixels)")
+    p.add_argument("--stages", default="sft:1000", help="name:steps,... in order; names: " + ", ".join(STAGES) +
+                   " (and a dataset's own: the toy world's " + ", ".join(TOY_STAGES) + ")")
+    p.add_argument("--batch_size", type=int, default=1, help="packed rows per micro-step per rank")
+    p.add_argument("--seq_len", type=int, default=4096, help="tokens per packed row (x2 in the long stage)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--loss_weighting", default="token", choices=["token", "sqrt"], help="token: the mean over target "
+                   "tokens; sqrt: each sample's tokens weigh 1/sqrt(its target count), balancing long and short ones")
     # optimisation
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps at the start of the run (and of SFT's)")
-    p.add_argument("--sft_lr_ratio", type=float, default=0.5, help="post-training (binding, sft) after other stages "
-                   "restarts at this fraction of --lr with a cosine of its own (0: the run's one cosine goes on)")
-    p.add_argument("--vision_lr_mult", type=float, default=0.1, help="the ViT's learning rate as a fraction of --lr")
+    p.add_argument("--sft_lr_ratio", type=float, default=1.0, help="post-training after other stages restarts at "
+                   "this fraction of --lr with a cosine of its own (0: the run's one cosine goes on)")
+    p.add_argument("--vision_lr_mult", type=float, default=1.0, help="the ViT's learning rate as a fraction of --lr")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad_clip", type=float, default=1.0, help="global gradient norm limit (0: off)")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval_every", type=int, default=400, help="steps between evaluations and checkpoints (0: end only)")
-    p.add_argument("--eval_samples", type=int, default=24, help="validation samples per task")
-    p.add_argument("--test_samples", type=int, default=64, help="test samples per task in the final evaluation")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="longest answer generated in evaluation")
+    p.add_argument("--eval_every", type=int, default=500, help="steps between evaluations and checkpoints (0: end only)")
+    p.add_argument("--eval_samples", type=int, default=50, help="evaluation samples per task during training (0: "
+                   "no evaluation, checkpoints only)")
+    p.add_argument("--test_samples", type=int, default=0, help="samples per task at the end (0: all of a file)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="longest answer generated in evaluation")
     p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--out_dir", default="out/toy")
-    p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    p.add_argument("--out_dir", default="out/run")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's latest good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start anew in an out_dir that holds a run")
+    p.add_argument("--keep_checkpoints", type=int, default=2, help="checkpoints kept (the newest; a resume falls "
+                   "back to an older one if the newest is damaged)")
     p.add_argument("--config", default="", help="a JSON file of these settings (command-line flags win)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # system
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available); torchrun: one GPU per rank")
-    p.add_argument("--dtype", default="auto", help="compute dtype: bfloat16 or float32 (auto: bf16 on cuda)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="compute dtype (auto: bf16 on cuda)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--export_dtype", default="float32", choices=["float32", "bfloat16"],
@@ -121,41 +148,75 @@ def get_parser():
     return p
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the module docstring as written and every flag's default."""
+
+
+TOY_STAGES = ("shapes", "video", "binding")     # named in --help; data.toy.STAGES defines them
+AT_LEAST = dict(batch_size=1, seq_len=8, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0, test_samples=0,
+                max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1, image_size=96,
+                min_pixels=0, max_pixels=0)
+
+
 def parse_args(argv=None):
+    """Flags over --config over the toy recipe (with --data toy) over the defaults above; every value checked."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    settings = {}
     if args.config:
-        with open(args.config) as f:
-            settings = json.load(f)
+        try:
+            with open(args.config) as f:
+                settings = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {args.config}: {e}")
         known = {a.dest for a in parser._actions} - {"help", "config"}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise SystemExit(f"error: unknown key(s) {unknown} in {args.config}; known: {sorted(known)}")
+            parser.error(f"unknown key(s) {unknown} in {args.config}; known: {sorted(known)}")
         parser.set_defaults(**settings)
-        args = parser.parse_args(argv)          # flags given on the command line override the file
+    if parser.parse_args(argv).data == "toy":
+        from data.toy import SETTINGS
+        parser.set_defaults(**SETTINGS, out_dir="out/toy")
+        parser.set_defaults(**settings)
+    args = parser.parse_args(argv)          # flags given on the command line override the file and the recipe
+    for name, least in AT_LEAST.items():
+        if getattr(args, name) < least:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= {least}")
+    for name in ("lr", "min_lr_ratio", "sft_lr_ratio", "vision_lr_mult", "weight_decay", "grad_clip", "pos_embed_std"):
+        if not 0 <= getattr(args, name) < float("inf") or (name == "lr" and args.lr == 0):
+            parser.error(f"--{name} {getattr(args, name)}: must be a finite number >= 0" + (" (> 0)" if name == "lr" else ""))
+    if not 0 < args.beta2 < 1:
+        parser.error(f"--beta2 {args.beta2}: must be in (0, 1)")
     args.stage_list = []
     for item in args.stages.split(","):
         name, _, steps = item.partition(":")
-        if name not in STAGES or not steps.isdigit():
-            raise SystemExit(f"error: bad stage {item!r}; use name:steps with name in {list(STAGES)}")
+        if not (steps.isascii() and steps.isdigit() and int(steps) > 0):
+            parser.error(f"--stages: bad stage {item!r}; use name:steps with steps a positive whole number")
         args.stage_list.append((name, int(steps)))
     return args
 
 
+def base_stage(name, data):
+    """The paper's stage (STAGES) a stage name is a setting of: its own, or the dataset's (the toy recipe's)."""
+    return name if name in STAGES else data.stages[name]
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data: toy-world samples -> processor -> packed rows
+# Data: samples -> processor -> packed rows
 
 
 class Packer:
     """
-    Row r of the run packs whole samples from its own slice of the train split, indices [r*SPAN, (r+1)*SPAN),
-    in order, until the next one does not fit (it is dropped; a sample longer than a row is skipped). So a row
-    is a pure function of its number: ranks build disjoint rows without talking, and resuming needs only the step.
+    Row r of the run packs whole samples numbered [r*SPAN, (r+1)*SPAN) in the dataset, in order, until the next one
+    does not fit (it is dropped). So a row is a pure function of its number: ranks build disjoint rows without
+    talking, and resuming needs only the step. A sample that cannot be used (longer than a row, an image that does
+    not open) stops the run with its origin named, or with skip_bad is skipped and counted.
     """
     SPAN = 512
 
-    def __init__(self, world, processor, cfg):
-        self.world, self.processor, self.cfg = world, processor, cfg
+    def __init__(self, data, processor, cfg, loss_weighting="token", skip_bad=False):
+        self.data, self.processor, self.cfg = data, processor, cfg
+        self.loss_weighting, self.skip_bad = loss_weighting, skip_bad
         self.skipped = 0
 
     def encode(self, sample, loss_on):
@@ -174,14 +235,30 @@ class Packer:
         return dict(ids=ids, labels=labels, pos=pos[:, 0], pv=b["pixel_values"], ig=b["image_grid_thw"],
                     pvv=b["pixel_values_videos"], vg=b["video_grid_thw"])
 
+    def usable(self, index, stage, seq_len):
+        """Sample `index` encoded for `stage`, or None (counted) when it is bad and skip_bad is set."""
+        origin = f"sample {index}"
+        try:
+            s = self.data.sample(index, stage)
+            origin = s["origin"]
+            enc = self.encode(s, STAGES[base_stage(stage, self.data)]["loss_on"])
+            if len(enc["ids"]) > seq_len:
+                raise BadSample(f"{origin}: {len(enc['ids'])} tokens, longer than a row of {seq_len} "
+                                "(raise --seq_len or lower --max_pixels)")
+            if not (enc["labels"] != -100).any():
+                raise BadSample(f"{origin}: no token to learn in stage {stage!r}")
+        except (ValueError, OSError) as e:              # BadSample, and what the processor says of bad media
+            if self.skip_bad:
+                self.skipped += 1
+                return None
+            raise e if isinstance(e, BadSample) else BadSample(f"{origin}: {e}") from e
+        return enc
+
     def row(self, r, stage, seq_len):
-        from data.toyworld import MIXES
-        mix, loss_on = MIXES[STAGES[stage]["mix"]], STAGES[stage]["loss_on"]
         samples, n = [], 0
         for index in range(r * self.SPAN, (r + 1) * self.SPAN):
-            s = self.encode(self.world.sample("train", index, mix=mix), loss_on)
-            if len(s["ids"]) > seq_len:
-                self.skipped += 1
+            s = self.usable(index, stage, seq_len)
+            if s is None:
                 continue
             if n + len(s["ids"]) > seq_len:
                 break
@@ -190,7 +267,8 @@ class Packer:
         return samples
 
     def batch(self, rows, stage, seq_len):
-        return collate([self.row(r, stage, seq_len) for r in rows], seq_len, self.processor.tok.pad_id)
+        return collate([self.row(r, stage, seq_len) for r in rows], seq_len, self.processor.tok.pad_id,
+                       self.loss_weighting)
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -211,18 +289,21 @@ class MicroBatches(torch.utils.data.Dataset):
         stage = stage_of(step, a.stage_list)
         first = step * a.batch_size * a.grad_accum * self.world_size + (m * self.world_size + self.rank) * a.batch_size
         skipped = self.packer.skipped
-        batch = self.packer.batch(range(first, first + a.batch_size), stage, a.seq_len * STAGES[stage]["seq_mult"])
+        seq_len = a.seq_len * STAGES[base_stage(stage, self.packer.data)]["seq_mult"]
+        batch = self.packer.batch(range(first, first + a.batch_size), stage, seq_len)
         return dict(batch, skipped=self.packer.skipped - skipped)
 
 
-def collate(rows, seq_len, pad_id):
-    """Packed rows -> model kwargs (input_ids, document_ids, position_ids [3, B, S], pixels and grids), labels and
-    `real` (1 on the samples' tokens, 0 on padding; the MoE load-balancing loss counts only these)."""
+def collate(rows, seq_len, pad_id, loss_weighting="token"):
+    """Packed rows -> model kwargs (input_ids, document_ids, position_ids [3, B, S], pixels and grids), labels,
+    `real` (1 on the samples' tokens, 0 on padding; the MoE load-balancing loss counts only these) and, for
+    loss_weighting "sqrt", `weights` [B, S]: each target token of a sample with n targets weighs 1 / sqrt(n)."""
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), -100, dtype=torch.long)
     document_ids = torch.zeros(B, seq_len, dtype=torch.long)
     real = torch.zeros(B, seq_len, dtype=torch.long)                           # 1 on samples' tokens, 0 on padding
+    weights = torch.zeros(B, seq_len) if loss_weighting == "sqrt" else None    # per token, where sqrt weighting
     position_ids = torch.zeros(3, B, seq_len, dtype=torch.long)
     pv, ig, pvv, vg = [], [], [], []
     for b, row in enumerate(rows):
@@ -232,14 +313,19 @@ def collate(rows, seq_len, pad_id):
             input_ids[b, n:n + L], labels[b, n:n + L] = s["ids"], s["labels"]
             document_ids[b, n:n + L], position_ids[:, b, n:n + L] = d, s["pos"]
             real[b, n:n + L] = 1
+            if weights is not None:
+                weights[b, n:n + L] = 1 / math.sqrt(max(1, int((s["labels"] != -100).sum())))
             for lst, key in ((pv, "pv"), (ig, "ig"), (pvv, "pvv"), (vg, "vg")):
                 if s[key] is not None:
                     lst.append(s[key])
             n += L
         document_ids[b, n:] = torch.arange(len(row), len(row) + seq_len - n)    # each padding token on its own
     cat = lambda xs: torch.cat(xs) if xs else None
-    return dict(input_ids=input_ids, labels=labels, real=real, document_ids=document_ids, position_ids=position_ids,
-                pixel_values=cat(pv), image_grid_thw=cat(ig), pixel_values_videos=cat(pvv), video_grid_thw=cat(vg))
+    batch = dict(input_ids=input_ids, labels=labels, real=real, document_ids=document_ids, position_ids=position_ids,
+                 pixel_values=cat(pv), image_grid_thw=cat(ig), pixel_values_videos=cat(pvv), video_grid_thw=cat(vg))
+    if weights is not None:
+        batch["weights"] = weights
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,11 +400,9 @@ def is_vision_tower(name):
 
 def make_optimizer(model, args, device):
     """
-    AdamW; matrices and embeddings decay, norms and biases do not; the vision tower learns at a fraction of the
-    rate (--vision_lr_mult): trained from scratch at the full rate its features collapse (become image-independent)
-    before the LLM has learned to read them (toy world, attribute questions only, 1500 steps: 0.52 at the full rate,
-    0.93 at 0.1). Its state is created at once for every
-    parameter (torch.distributed.checkpoint does it with one zero-gradient, zero-lr step, so step counters start
+    AdamW; matrices and embeddings decay, norms and biases do not; the vision tower can learn at a fraction of the
+    rate (--vision_lr_mult: a ViT trained from scratch at the full rate can lose its features before the LLM has
+    learned to read them). Its state is created at once for every parameter (torch.distributed.checkpoint does it with one zero-gradient, zero-lr step, so step counters start
     at 1), also for the parts a stage freezes: every checkpoint then has the same layout and resumes exactly.
     """
     groups = []
@@ -341,17 +425,25 @@ def cosine(step, length, peak, args):
     return peak * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def lr_at(step, args):
+def lr_at(step, args, post_start):
     """One cosine over the whole run at --lr: the stages change the data, the loss and what is trainable, not the
-    schedule (restarting at the peak between them undid what was learned). Post-training (binding, sft) that
-    follows other stages starts a cosine of its own at sft_lr_ratio * --lr, as post-training is a run of its
-    own in the paper (0: the run's cosine goes on; README: the toy run)."""
-    post = [STAGES[name]["post"] for name, _ in args.stage_list]
+    schedule (restarting at the peak between them undoes what was learned). Post-training that follows other
+    stages (from step post_start) starts a cosine of its own at sft_lr_ratio * --lr, as post-training is a run of
+    its own in the paper (sft_lr_ratio 0: the run's cosine goes on)."""
     total = sum(n for _, n in args.stage_list)
-    post_start = sum(n for _, n in args.stage_list[:post.index(True)]) if True in post else total
     if args.sft_lr_ratio > 0 and 0 < post_start <= step:
         return cosine(step - post_start, total - post_start, args.lr * args.sft_lr_ratio, args)
     return cosine(step, total, args.lr, args)
+
+
+def post_start(stage_list, data):
+    """The step where post-training begins: the first stage whose base stage is post-training (else the end)."""
+    step = 0
+    for name, n in stage_list:
+        if STAGES[base_stage(name, data)]["post"]:
+            return step
+        step += n
+    return step
 
 
 def stage_of(step, stage_list):
@@ -367,11 +459,12 @@ def stage_of(step, stage_list):
 # Checkpoints
 
 
-def save_checkpoint(out_dir, model, optimizer, tok, step, args, rank):
+def save_checkpoint(out_dir, model, optimizer, tok, processor, step, args, rank):
     """
     out_dir/ckpt-<step>/: dcp/ (model + optimizer, one shard per rank), config.json, tokenizer.tiktoken,
-    train_state.json (step, settings) and rng-<rank>.pt, written as ckpt-<step>.tmp, then renamed; then
-    out_dir/latest is replaced atomically and older checkpoints are deleted.
+    preprocessor_config.json (image budgets), train_state.json (step, settings) and rng-<rank>.safetensors, written
+    as ckpt-<step>.tmp, then renamed; then out_dir/latest is replaced atomically and all but the newest
+    --keep_checkpoints checkpoints are deleted.
     """
     name = f"ckpt-{step:07d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
@@ -382,52 +475,192 @@ def save_checkpoint(out_dir, model, optimizer, tok, step, args, rank):
     model_sd, optim_sd = get_state_dict(model, optimizer)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # one process: no sharding needed
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"))
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(rng, os.path.join(tmp, f"rng-{rank}.pt"))
+    save_rng(os.path.join(tmp, f"rng-{rank}.safetensors"))
     barrier()
     if rank == 0:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model.cfg.to_hf_dict(), f, indent=2)
+        write_json(model.cfg.to_hf_dict(), os.path.join(tmp, "config.json"))
         tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(dict(step=step, args={k: v for k, v in vars(args).items() if k != "stage_list"}), f, indent=2)
+        write_json(dict(min_pixels=processor.min_pixels, max_pixels=processor.max_pixels),
+                   os.path.join(tmp, "preprocessor_config.json"))
+        write_json(dict(step=step, args={k: v for k, v in vars(args).items() if k != "stage_list"}),
+                   os.path.join(tmp, "train_state.json"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        for old in os.listdir(out_dir):
-            if old.startswith("ckpt-") and old != name:
-                shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        for old in checkpoints(out_dir)[args.keep_checkpoints:]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
-def latest_checkpoint(out_dir):
-    latest = os.path.join(out_dir, "latest")
-    if not os.path.isfile(latest):
-        raise SystemExit(f"error: --resume: no checkpoint in {out_dir!r} (no 'latest' file)")
-    with open(latest) as f:
-        return os.path.join(out_dir, f.read().strip())
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def checkpoints(out_dir):
+    """The run's checkpoint folders, newest first."""
+    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n[5:].isdigit()]
+    return [os.path.join(out_dir, n) for n in sorted(names, reverse=True)]
+
+
+def latest_checkpoint(out_dir, say=print):
+    """The newest checkpoint of a run that passes verify_checkpoint; an older good one (said) if it does not."""
+    if not os.path.isfile(os.path.join(out_dir, "latest")):
+        raise FileNotFoundError(f"{out_dir!r}: no checkpoint (no 'latest' file)")
+    with open(os.path.join(out_dir, "latest")) as f:
+        newest = os.path.join(out_dir, os.path.basename(f.read().strip()))
+    problems = []
+    for path in [newest] + [c for c in checkpoints(out_dir) if c != newest]:
+        try:
+            verify_checkpoint(path)
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
+            problems.append(f"{path}: {e}")
+            continue
+        if problems:
+            say("skipped damaged checkpoint(s): " + "; ".join(problems) + f"; using {path}")
+        return path
+    raise ValueError(f"{out_dir!r}: no usable checkpoint: " + "; ".join(problems))
+
+
+def checkpoint_dir(path):
+    """A train.py checkpoint given itself or its run's folder (then its latest good one); None for anything else."""
+    if os.path.isdir(os.path.join(path, "dcp")):
+        return path
+    if os.path.isfile(os.path.join(path, "latest")):
+        return latest_checkpoint(path, say=lambda *a: print(*a, file=sys.stderr))
+    return None
+
+
+def verify_checkpoint(path):
+    """Every file a checkpoint needs is there and whole: its settings and, per the (safely read) metadata of the
+    distributed checkpoint, every shard file inside dcp/ at least as long as the data it records."""
+    for name in ("config.json", "train_state.json", os.path.join("dcp", ".metadata")):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{name} is missing")
+    with open(os.path.join(path, "train_state.json")) as f:
+        step = json.load(f)["step"]
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"train_state.json: bad step {step!r}")
+    reader = SafeReader(os.path.join(path, "dcp"))
+    ends = {}
+    for info in reader.read_metadata().storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for file, end in ends.items():
+        size = os.path.getsize(os.path.join(path, "dcp", file))
+        if size < end:
+            raise ValueError(f"dcp/{file} is truncated ({size} bytes, {end} recorded)")
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """The distributed checkpoint's metadata is a pickle: read it allowing only the plain classes it is made of
+    (its own dataclasses, torch.Size, dtypes, layouts by name, the checkpoint's path), so a crafted file cannot call anything else."""
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+             ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+             ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in self.MODULES and isinstance(getattr(sys.modules.get(module), name, None), type) \
+                or (module, name) in self.NAMES or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """A FileSystemReader whose metadata is read by SafeUnpickler and whose shard files stay inside the folder."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = SafeUnpickler(f).load()
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise ValueError("dcp/.metadata is not a distributed-checkpoint metadata file")
+        for info in metadata.storage_data.values():
+            file = getattr(info, "relative_path", None)
+            if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
+                raise ValueError(f"dcp/.metadata names the shard file {file!r} outside the checkpoint folder")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(dcp.DefaultLoadPlanner):
+    """Non-tensor entries (the optimizer's settings) are read as plain data, never as arbitrary pickles."""
+
+    def load_bytes(self, read_item, value):
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element   # (the default planner's own helper)
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def read_dcp(state, path):
+    """Fill `state` ({"model": ..., "optim": ...} or a part of it) from a checkpoint's dcp/ folder, safely."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    dcp.load(state, storage_reader=SafeReader(os.path.join(path, "dcp")), planner=SafePlanner())
+
+
+def save_rng(path):
+    """The RNG states as a safetensors file: torch's (and CUDA's) as tensors, Python's and NumPy's as JSON text."""
+    from safetensors.torch import save_file
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    save_file(tensors, path, metadata=dict(python=json.dumps(random.getstate()),
+                                           numpy=json.dumps([kind, int(pos), int(has_gauss), float(gauss)])))
+
+
+def load_rng(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    version, state, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(state), gauss))
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def load_checkpoint(path, model, optimizer, rank):
     """Model, optimizer and RNG from a checkpoint written by any number of ranks; returns its step."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+    read_dcp(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    rng_file = os.path.join(path, f"rng-{rank}.safetensors")
     if os.path.isfile(rng_file):              # a run resumed on more ranks than it was saved with starts their RNG anew
-        rng = torch.load(rng_file, weights_only=False)   # our own file: Python/NumPy RNG states are not tensors
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        load_rng(rng_file)
     with open(os.path.join(path, "train_state.json")) as f:
         return json.load(f)["step"]
+
+
+def load_weights(path, model):
+    """The model's weights (no optimizer) from a train.py checkpoint, into a plain or a sharded model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    state = {"model": get_model_state_dict(model)}
+    read_dcp(state, path)
+    set_model_state_dict(model, state["model"])
+
+
+def load_trained(path, device="cpu", dtype=None):
+    """A model from a train.py checkpoint, on `device` in `dtype` (sample.py and eval.py use this)."""
+    with torch.device("meta"):
+        model = Qwen3VL(read_hf_config(path))
+    model.to_empty(device=device)
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    load_weights(path, model)
+    return model.to(dtype=dtype) if dtype else model
 
 
 def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
@@ -458,63 +691,41 @@ def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
 # Evaluation
 
 
-@torch.no_grad()
-def evaluate(model, processor, world, split, n_per_task, device, autocast, max_new_tokens, batch_size=64):
-    """Greedy answers to n_per_task samples of every task: ({task: mean score}, {task: {kind: mean score}},
-    {task: (sample, reply)}); a task's kinds are its question families (attribute: color / shape, compare: shape /
-    color / all, ...), so a task score near chance can be told apart from one failing kind.
-    Every rank runs the same batches (identical greedy decodes keep FSDP's collectives in step)."""
-    from data.toyworld import TASKS
-    from sample import generate
-    model.eval()
-    scores, kinds, examples = {}, {}, {}
-    for task in TASKS:
-        samples = [world.sample(split, i, task=task) for i in range(n_per_task)]
-        by_kind = {}                                                 # kind -> the scores of its samples
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            batch = processor([s["messages"][:1] for s in chunk], add_generation_prompt=True)
-            batch = {k: v.to(device) for k, v in batch.items() if v is not None and k != "labels"}
-            with autocast:
-                out = generate(model, **batch, max_new_tokens=max_new_tokens, temperature=0.0,
-                               eos_ids=processor.tok.eos_ids, pad_id=processor.tok.pad_id)
-            for s, ids in zip(chunk, out.tolist()):
-                reply = processor.tok.decode(ids, skip_special_tokens=True).strip()
-                by_kind.setdefault(s["kind"], []).append(TASKS[task].score(reply, s))
-                examples.setdefault(task, (s, reply))
-        scores[task] = sum(map(sum, by_kind.values())) / len(samples)
-        kinds[task] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
-    model.train()
-    return scores, kinds, examples
-
-
-def plot(out_dir, metrics, stage_list):
-    """loss.png (training loss, stages marked) and metrics.png (validation score per task, chance dotted)."""
+def plot(out_dir, metrics, stage_list, chance):
+    """loss.png (training loss, stages marked) and metrics.png (evaluation score per task, its chance level dotted
+    in the same colour)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from data.toyworld import TASKS
+    from matplotlib.transforms import blended_transform_factory
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval" in m]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot([m["step"] for m in train], [m["loss"] for m in train], lw=1)
     ax.set(xlabel="step", ylabel="train loss", yscale="log", title="training loss")
+    at = blended_transform_factory(ax.transData, ax.transAxes)
     edge = 0
-    for name, n in stage_list:
+    for i, (name, n) in enumerate(stage_list):
         ax.axvline(edge, color="gray", ls=":", lw=0.8)
-        ax.annotate(name, (edge, 1), xycoords=("data", "axes fraction"), va="top", fontsize=8)
+        ax.text(edge, 0.98 - 0.06 * (i % 3), f" {name}", transform=at, va="top", fontsize=8)   # 3 heights: no overlap
         edge += n
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
     plt.close(fig)
     if evals:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, task in enumerate(TASKS):
-            c, style = f"C{i % 10}", dict(marker="o", ls="-") if i < 10 else dict(marker="s", ls="--")  # 10 colours
-            ax.plot([m["step"] for m in evals], [m["eval"][task] for m in evals], ms=3, color=c, label=task, **style)
-            ax.axhline(TASKS[task].chance, color=c, ls=":", lw=0.8)
-        ax.set(xlabel="step", ylabel="validation score", ylim=(0, 1.02), title="per-task score (dotted: chance)")
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        tasks = list(evals[-1]["eval"])
+        colours = plt.get_cmap("tab20" if len(tasks) > 10 else "tab10")
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for i, task in enumerate(tasks):
+            c = colours(i % colours.N)
+            ax.plot([m["step"] for m in evals if task in m["eval"]], [m["eval"][task] for m in evals if task in m["eval"]],
+                    marker="o", ms=3, color=c, label=task)
+            if chance.get(task) is not None:
+                ax.axhline(chance[task], color=c, ls=":", lw=0.8)
+        if any(chance.get(t) is not None for t in tasks):
+            ax.plot([], [], color="gray", ls=":", lw=0.8, label="chance (same colour)")
+        ax.set(xlabel="step", ylabel="evaluation score", ylim=(0, 1.02), title="score per task")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "metrics.png"), dpi=120)
         plt.close(fig)
@@ -590,164 +801,240 @@ def barrier():
 
 
 def main(argv=None):
+    """The run as a list of steps: everything is checked and set up before the first file is written."""
     args = parse_args(argv)
     if args.plan:
         return print_plan(args)
-    from data.toyworld import TASKS, ToyWorld
-
-    # -- compute: one process, or one rank per GPU under torchrun --
-    distributed = "RANK" in os.environ
-    if distributed:
-        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (world_size,))
-    else:
-        rank, world_size = 0, 1
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[args.dtype]
-    # FSDP casts parameters itself; a single device uses autocast
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not distributed else nullcontext()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    run = Run(args)
+    data, eval_data, test_data = open_datasets(args)
+    resume = latest_checkpoint(args.out_dir, run.say) if args.resume else None
+    if not resume and not args.overwrite and os.path.isfile(os.path.join(args.out_dir, "latest")):
+        raise FileExistsError(f"--out_dir {args.out_dir!r} holds a run; --resume it, choose another --out_dir, or "
+                              "--overwrite it")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    tok, cfg, start = tokenizer_and_config(args, data, resume, run.say)
+    model = build_model(args, cfg, start, resume, run)
+    processor = make_processor(args, start or resume, tok)
+    packer = Packer(data, processor, cfg, args.loss_weighting, args.skip_bad_samples)
+    first = args.stage_list[0][0]
+    if not packer.row(0, first, args.seq_len * STAGES[base_stage(first, data)]["seq_mult"]):
+        raise BadSample(f"no sample fits a row of --seq_len {args.seq_len}: nothing to train on")
     os.makedirs(args.out_dir, exist_ok=True)
-    world = ToyWorld(seed=args.seed, image_size=args.image_size)
-
-    # -- tokenizer and model config: from the checkpoint resumed, from --init_from, or a preset + a new BPE --
-    resume = latest_checkpoint(args.out_dir) if args.resume else None
+    run.say(f"writing to {os.path.abspath(args.out_dir)}")
+    optimizer = make_optimizer(model, args, run.device)
+    step, metrics = 0, []
     if resume:
-        tok = Tokenizer.from_pretrained(os.path.join(resume, "tokenizer.tiktoken"))
-        cfg = read_hf_config(resume)
-    elif args.init_from:
+        step = load_checkpoint(resume, model, optimizer, run.rank)
+        with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
+            metrics = [m for m in map(json.loads, f) if m["step"] <= step]   # drop what was logged after the save
+        run.say(f"resumed from {resume} at step {step}")
+    train(args, run, model, optimizer, tok, processor, packer, eval_data, step, metrics)
+    scores = finish(args, run, model, tok, processor, test_data, packer)
+    if run.distributed:
+        dist.destroy_process_group()
+    return scores
+
+
+class Run:
+    """Where the run computes: rank, number of ranks, device, compute dtype, autocast, the FSDP mesh."""
+
+    def __init__(self, args):
+        self.distributed = "RANK" in os.environ
+        self.mesh = None
+        if self.distributed:
+            use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+            from torch.distributed.device_mesh import init_device_mesh
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        else:
+            self.rank, self.world_size = 0, 1
+            self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                       "cpu" if args.device == "auto" else args.device)
+        self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                      "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+        # FSDP casts parameters itself; a single device uses autocast
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) \
+            if self.dtype != torch.float32 and not self.distributed else nullcontext()
+
+    def say(self, *a, **k):
+        if self.rank == 0:
+            print(*a, **k)
+
+
+def open_datasets(args):
+    """The training data and the evaluation sets (JSONL files are checked line by line here), and the stage names."""
+    data = open_data(args.data, "train", args.seed, args.image_size, skip_bad=args.skip_bad_samples)
+    for name, _ in args.stage_list:
+        if name not in STAGES and name not in data.stages:
+            raise ValueError(f"--stages: unknown stage {name!r}; known: {list(STAGES) + list(data.stages)}")
+    toy = args.data == "toy"
+    eval_spec = args.eval_data or ("toy" if toy else "")
+    test_spec = args.test_data or ("toy" if toy and not args.eval_data else eval_spec)
+    eval_data = open_data(eval_spec, "val", args.seed, args.image_size, strict=False) if eval_spec else None
+    test_data = open_data(test_spec, "test", args.seed, args.image_size, strict=False) if test_spec else None
+    return data, eval_data, test_data
+
+
+def tokenizer_and_config(args, data, resume, say):
+    """The tokenizer and model config: the resumed checkpoint's, --init_from's, or a preset's with the real Qwen
+    vocabulary (a toy preset on toy data: a new BPE on the world's text). Also returns --init_from's checkpoint
+    folder (a train.py checkpoint or a Hugging Face directory), or None."""
+    if resume:
+        return Tokenizer.from_pretrained(resume), read_hf_config(resume), None
+    if args.init_from:
         try:
-            cfg = read_hf_config(args.init_from)
-            tok = Tokenizer.from_pretrained(args.init_from)
+            start = checkpoint_dir(args.init_from) or args.init_from
+            cfg, tok = read_hf_config(start), Tokenizer.from_pretrained(args.tokenizer or start)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: --init_from {args.init_from!r}: {e}") from e
+            raise ValueError(f"--init_from {args.init_from!r}: {e}") from e
         if tok.n_vocab > cfg.text.vocab_size or tok.image_token_id != cfg.image_token_id:
-            raise SystemExit(f"error: --init_from {args.init_from!r}: its tokenizer ({tok.n_vocab} tokens, image "
-                             f"token {tok.image_token_id}) does not fit its model (vocab {cfg.text.vocab_size}, "
-                             f"image token {cfg.image_token_id})")
-    elif args.preset.startswith("qwen3-vl-"):  # a released size from scratch: the real vocabulary at its real ids
+            raise ValueError(f"--init_from {args.init_from!r}: its tokenizer ({tok.n_vocab} tokens, image token "
+                             f"{tok.image_token_id}) does not fit its model (vocab {cfg.text.vocab_size}, image "
+                             f"token {cfg.image_token_id})")
+        return tok, cfg, start
+    if args.preset.startswith("qwen3-vl-"):  # a released size from scratch: the real vocabulary at its real ids
         tok = Tokenizer.from_pretrained(args.tokenizer or None)
         cfg = Qwen3VLConfig.from_preset(args.preset)
         if tok.image_token_id != cfg.image_token_id:
-            raise SystemExit(f"error: --tokenizer puts <|image_pad|> at {tok.image_token_id}, {args.preset} at "
+            raise ValueError(f"--tokenizer puts <|image_pad|> at {tok.image_token_id}, {args.preset} at "
                              f"{cfg.image_token_id}")
-    else:   # a toy size: its own small BPE (or --tokenizer) trained on the world's text and the chat template's
-            # words (else "assistant" costs six tokens in every sample), vocabulary rounded up to a multiple of 64
+        return tok, cfg, None
+    # a toy size: the given tokenizer, a BPE trained on the toy world's text and the chat template's words (else
+    # "assistant" costs six tokens in every sample), or the real one; vocabulary rounded up to a multiple of 64
+    if args.tokenizer:
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+    elif hasattr(data, "text_corpus"):
         t0 = time.time()
-        tok = Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
-            Tokenizer.train((f"user\n{t}\nassistant\n" for t in world.text_corpus(4000)), args.vocab_size)
+        tok = Tokenizer.train((f"user\n{t}\nassistant\n" for t in data.text_corpus(4000)), args.vocab_size)
         say(f"trained a {tok.n_vocab}-token BPE on the toy world in {time.time() - t0:.1f}s")
-        cfg = Qwen3VLConfig.from_preset(
-            args.preset, text=dict(vocab_size=64 * math.ceil(tok.n_vocab / 64)),
-            image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-            vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
+    else:
+        tok = Tokenizer.from_pretrained(None)
+    cfg = Qwen3VLConfig.from_preset(
+        args.preset, text=dict(vocab_size=64 * math.ceil(tok.n_vocab / 64)),
+        image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
+    return tok, cfg, None
 
-    # -- the model: built on the meta device, placed (and sharded), then initialised or loaded tensor by tensor --
+
+def build_model(args, cfg, start, resume, run):
+    """Built on the meta device, placed (and sharded), then initialised or loaded tensor by tensor (a resumed run
+    loads every tensor from its checkpoint later, with the optimizer)."""
     with torch.device("meta"):
         model = Qwen3VL(cfg)
-    if distributed:
-        shard(model, mesh, args.activation_checkpointing)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings and not distributed:
+    if run.distributed:
+        shard(model, run.mesh, args.activation_checkpointing)
+    model.to_empty(device=run.device)
+    if cfg.tie_word_embeddings and not run.distributed:
         model.lm_head.weight = model.language_model.embed_tokens.weight
-    if args.init_from and not resume:
+    if start and not resume:
         try:
-            fill(model, Qwen3VL.checkpoint_tensors(model, args.init_from))
+            if os.path.isdir(os.path.join(start, "dcp")):
+                load_weights(start, model)
+            else:
+                fill(model, Qwen3VL.checkpoint_tensors(model, start))
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: --init_from {args.init_from!r}: {e}") from e
-    elif not resume:                           # (a resumed run loads every tensor from its checkpoint below)
-        # every tensor at the reference's initializer_range except the ViT's position table: at 0.02 it is ~35x
-        # below the patch features and the tokens cannot tell the LLM where they are (README: the toy run)
+            raise ValueError(f"--init_from {args.init_from!r}: {e}") from e
+    elif not resume:
+        # every tensor at the reference's initializer_range (0.02) except the ViT's position table (--pos_embed_std)
         stds = {"visual.pos_embed.weight": args.pos_embed_std}
         fill(model, ((n, Qwen3VL.initial_value(n, p.shape, args.seed, stds.get(n, 0.02)))
                      for n, p in model.named_parameters()))
-    processor = Processor(tok, min_pixels=args.image_size ** 2 // 2, max_pixels=args.image_size ** 2 * 4)
     n_vit = sum(p.numel() for p in model.visual.parameters())
-    say(f"model: {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} LLM + {cfg.vision.depth} x "
-        f"{cfg.vision.hidden_size} ViT, {model.num_params():,} parameters ({n_vit:,} in the ViT); {world_size} x {device.type}, "
-        f"compute {dtype}{', FSDP2' if distributed else ''}")
-    optimizer = make_optimizer(model, args, device)
-    step, metrics = 0, []
-    if resume:
-        step = load_checkpoint(resume, model, optimizer, rank)
-        with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
-            metrics = [m for m in map(json.loads, f) if m["step"] <= step]   # drop what was logged after the save
-        say(f"resumed from {resume} at step {step}")
-    if rank == 0:
+    run.say(f"model: {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} LLM + {cfg.vision.depth} x "
+            f"{cfg.vision.hidden_size} ViT, {model.num_params():,} parameters ({n_vit:,} in the ViT); "
+            f"{run.world_size} x {run.device.type}, compute {run.dtype}{', FSDP2' if run.distributed else ''}")
+    return model
+
+
+def make_processor(args, checkpoint, tok):
+    """Image pixel budgets: --min/max_pixels, else the checkpoint's, else the toy world's (its image size), else the
+    released processor's."""
+    budgets = {}
+    if checkpoint and os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
+        from sample import read_budgets
+        budgets = read_budgets(checkpoint)
+    elif args.data == "toy":
+        budgets = dict(min_pixels=args.image_size ** 2 // 2, max_pixels=args.image_size ** 2 * 4)
+    budgets.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v})
+    return Processor(tok, **budgets)
+
+
+def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, metrics):
+    """The loop: every --eval_every steps evaluate, plot and checkpoint; a step is grad_accum micro-steps."""
+    say, device, cfg = run.say, run.device, model.cfg
+    if run.rank == 0:
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
     train_model = torch.compile(model) if args.compile else model
-    data = MicroBatches(Packer(world, processor, cfg), args, rank, world_size)
+    data = MicroBatches(packer, args, run.rank, run.world_size)
     loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.data_workers,
                                               sampler=range(step * args.grad_accum, len(data)),
                                               prefetch_factor=4 if args.data_workers else None))
     skipped = 0
-
     total_steps = sum(n for _, n in args.stage_list)
-    planned = plan(cfg, args.seq_len, args.batch_size, world_size, args.activation_checkpointing)
+    restart = post_start(args.stage_list, packer.data)
+    planned = plan(cfg, args.seq_len, args.batch_size, run.world_size, args.activation_checkpointing)
     fpt = planned["flops_per_token"]
     say(f"plan: {planned['total'] / 2**30:.1f} GiB per GPU ({planned['state'] / 2**30:.1f} model state, "
         f"{planned['activations'] / 2**30:.1f} activations), {fpt / 1e9:.2f} GFLOP per token")
     peak = 989e12 if device.type == "cuda" else None               # H100/H200 dense bf16
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a", buffering=1) if run.rank == 0 else None   # by line
     t_start, tokens_run = time.time(), 0
 
-    # -- the loop --
     model.train()
     while True:
         last_step = step == total_steps
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or last_step):
-            scores, _, _ = evaluate(model, processor, world, "val", args.eval_samples, device, autocast,
-                                    args.max_new_tokens)
-            metrics.append(dict(step=step, eval=scores))
-            if rank == 0:
-                log.write(json.dumps(metrics[-1]) + "\n")
-                log.flush()
-                plot(args.out_dir, metrics, args.stage_list)
-            say("eval  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-            save_checkpoint(args.out_dir, model, optimizer, tok, step, args, rank)
+            if eval_data is not None and args.eval_samples:
+                results, _ = evaluate(model, processor, eval_data, args.eval_samples, device, run.autocast,
+                                      args.max_new_tokens)
+                metrics.append(dict(step=step, eval={t: r["score"] for t, r in results.items()}))
+                if run.rank == 0:
+                    log.write(json.dumps(metrics[-1]) + "\n")
+                    log.flush()
+                say("eval  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics[-1]["eval"].items()))
+            if run.rank == 0:
+                plot(args.out_dir, metrics, args.stage_list, eval_data.chance if eval_data else {})
+            save_checkpoint(args.out_dir, model, optimizer, tok, processor, step, args, run.rank)
         if last_step:
             break
 
         stage = stage_of(step, args.stage_list)
-        set_trainable(model, STAGES[stage]["trainable"])
-        lr = lr_at(step, args)
+        base = STAGES[base_stage(stage, packer.data)]
+        set_trainable(model, base["trainable"])
+        lr = lr_at(step, args, restart)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         t0 = time.time()
-        seq_len = args.seq_len * STAGES[stage]["seq_mult"]
-        rows_per_step = args.batch_size * args.grad_accum * world_size
+        seq_len = args.seq_len * base["seq_mult"]
+        rows_per_step = args.batch_size * args.grad_accum * run.world_size
         micro = [next(loader) for _ in range(args.grad_accum)]          # this rank's micro-batches of the step
         skipped += sum(b.pop("skipped") for b in micro)
-        # the step's loss is the mean over all its target tokens, on every rank and micro-step
-        n_target = torch.tensor(float(sum((b["labels"][:, 1:] != -100).sum() for b in micro)), device=device)
-        if distributed:
-            dist.all_reduce(n_target)
+        # the step's loss is the mean over all its target tokens (weighted: a weighted mean), on every rank and
+        # micro-step
+        norm = torch.tensor(float(sum(target_weight(b) for b in micro)), device=device)
+        if run.distributed:
+            dist.all_reduce(norm)
         loss_sum = torch.zeros((), device=device)
         for b in micro:
             b = {k: v.to(device) for k, v in b.items() if v is not None}
-            labels, real = b.pop("labels"), b.pop("real")
-            with autocast:
-                logits, _ = train_model(**b, run_vision=distributed)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=-100, reduction="sum") / n_target
+            labels, real, weights = b.pop("labels"), b.pop("real"), b.pop("weights", None)
+            with run.autocast:                 # the summed (weighted) loss, chunk by chunk: no [B, S, V] logits
+                _, loss = train_model(**b, labels=labels, loss_weights=weights, loss_reduction="sum",
+                                      return_hidden=True, run_vision=run.distributed)
+            loss = loss / norm
             if cfg.text.num_experts:           # MoE: + coef x Switch load-balancing loss of this micro-step
                 loss = loss + cfg.text.router_aux_loss_coef / args.grad_accum * load_balancing_loss(
                     model.router_logits, cfg.text.num_experts_per_tok, real)
-            (loss * world_size).backward()     # FSDP averages gradients over ranks: undo it, the loss is global
+            (loss * run.world_size).backward()  # FSDP averages gradients over ranks: undo it, the loss is global
             loss_sum += loss.detach()
-        if distributed:
+        if run.distributed:
             dist.all_reduce(loss_sum)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], args.grad_clip)
@@ -755,11 +1042,15 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss became {loss_value} at step {step} (stage {stage}, lr {lr:.2e}); "
+                                     f"stopped without saving: the last good checkpoint in {args.out_dir} stays "
+                                     "(--resume from it, perhaps with a lower --lr)")
         dt = time.time() - t0
         tokens = rows_per_step * seq_len
         tokens_run += tokens
         metrics.append(dict(step=step, stage=stage, loss=loss_value, lr=lr))
-        if rank == 0:
+        if run.rank == 0:
             log.write(json.dumps(metrics[-1]) + "\n")
         if step % args.log_every == 0 or step == 1:
             tps = tokens / dt
@@ -767,45 +1058,70 @@ def main(argv=None):
             if peak:                           # the peak memory of every GPU (all ranks take part in the gather)
                 mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
                 mems = [mem]
-                if distributed:
-                    mems = [torch.empty_like(mem) for _ in range(world_size)]
+                if run.distributed:
+                    mems = [torch.empty_like(mem) for _ in range(run.world_size)]
                     dist.all_gather(mems, mem)
-                gpu_stats = f" | MFU {100 * fpt * tps / (peak * world_size):.1f}% | peak mem " \
+                gpu_stats = f" | MFU {100 * fpt * tps / (peak * run.world_size):.1f}% | peak mem " \
                             f"{'/'.join(f'{m.item():.1f}' for m in mems)} GiB"
             eta = (time.time() - t_start) / tokens_run * tokens * (total_steps - step)
             say(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_value:.4f} | lr {lr:.2e} | "
                 f"{1000 * dt:.0f} ms | {tps:,.0f} tok/s{gpu_stats} | ETA {eta / 60:.1f} min", flush=True)
-    if rank == 0:
+    if run.rank == 0:
         log.close()
+    if skipped:
+        say(f"{skipped} samples skipped (unusable or longer than a row)")
 
-    # -- final: test evaluation, a Hugging Face export, one answer drawn on its image --
-    scores, kinds, examples = evaluate(model, processor, world, "test", args.test_samples, device, autocast,
-                                       args.max_new_tokens)
-    export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), rank, getattr(torch, args.export_dtype))
-    if rank == 0:
-        say(f"\ntest ({args.test_samples} samples per task)   score   chance   by kind of question")
-        for task, v in scores.items():
-            by_kind = ", ".join(f"{k} {x:.2f}" for k, x in kinds[task].items()) if len(kinds[task]) > 1 else ""
-            say(f"  {task:10s}                  {v:6.2f}   {TASKS[task].chance:6.2f}   {by_kind}")
-        with open(os.path.join(args.out_dir, "test_scores.json"), "w") as f:
-            json.dump({t: dict(score=v, chance=TASKS[t].chance, kinds=kinds[t]) for t, v in scores.items()}, f,
-                      indent=2)
-        from processor import draw_grounding, parse_grounding
-        s, reply = examples["bbox"]
-        say(f"\nsample: {s['question']}\n  model: {reply}\n  truth: {s['answer']}")
+
+def target_weight(batch):
+    """The total weight of a micro-batch's targets: their count, or the sum of their sqrt weights."""
+    targets = batch["labels"][:, 1:] != -100
+    return targets.sum() if "weights" not in batch else batch["weights"][:, :-1][targets].sum()
+
+
+def finish(args, run, model, tok, processor, test_data, packer):
+    """The final evaluation, a Hugging Face export and (for grounding answers) one answer drawn on its image."""
+    say = run.say
+    results, examples = {}, {}
+    if test_data is not None:
+        results, examples = evaluate(model, processor, test_data, args.test_samples or None, run.device,
+                                     run.autocast, args.max_new_tokens)
+    export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), run.rank, getattr(torch, args.export_dtype))
+    if run.rank == 0:
+        written = ["loss.png", "metrics.jsonl", "hf/ (Hugging Face export)"]
+        if results:
+            say("\n" + report(results, f"test ({args.test_samples or 'all'} per task)"))
+            write_json(results, os.path.join(args.out_dir, "test_scores.json"))
+            written += ["metrics.png", "test_scores.json"]
+        drawn = draw_example(examples, os.path.join(args.out_dir, "sample.png"))
+        if drawn:
+            say(f"\nsample: {drawn[0]}\n  model: {drawn[1]}\n  truth: {drawn[2]}")
+            written.append("sample.png")
+        say(f"wrote {args.out_dir}/: {', '.join(written)}; {packer.skipped} samples skipped")
+    return {t: r["score"] for t, r in results.items()}
+
+
+def draw_example(examples, path):
+    """The first evaluated reply that holds a box or point, drawn onto its image: (question, reply, truth)."""
+    from processor import draw_grounding, parse_grounding
+    for task, (s, reply) in examples.items():
+        image = next((c.get("image") for m in s["prompt"] for c in m["content"] if isinstance(c, dict) and
+                      c.get("type") == "image"), None) if not isinstance(s["prompt"][0]["content"], str) else None
+        if image is None or ("bbox_2d" not in s["answer"] and "point_2d" not in s["answer"]):
+            continue
         try:
             items = parse_grounding(reply)
         except ValueError:
             items = []
-        draw_grounding(s["messages"][0]["content"][0]["image"].resize((256, 256)), items,
-                       os.path.join(args.out_dir, "sample.png"))
-        say(f"wrote {args.out_dir}/: loss.png, metrics.png, sample.png, metrics.jsonl, test_scores.json, hf/ "
-            f"(Hugging Face export); {skipped} samples skipped as longer than a row; "
-            f"{(time.time() - t_start) / 60:.1f} min")
-    if distributed:
-        dist.destroy_process_group()
-    return scores
+        from processor import load_image
+        draw_grounding(load_image(image).resize((256, 256)), items, path)
+        return s.get("question", task), reply, s["answer"]
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (BadSample, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as e:
+        if "--debug" in sys.argv:
+            raise
+        sys.exit(f"error: {e}")

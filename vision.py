@@ -10,19 +10,23 @@ Notable features
   computed as one batched attention per distinct frame-group size, not as one [N, N] masked product: the encoder
   sorts the rows once so that frame groups of one size sit side by side (blocks work row by row, so the order does
   not matter to them) and puts them back before the mergers. No work on the zeros of the mask, no padding.
+  In training on CUDA (`attn_impl`) it is instead one FlexAttention call over the packed rows with a block mask of their
+  segment ids (flex.py): no sort, no loop over sizes.
 - Pre-norm blocks (LayerNorm, non-causal attention, GELU-tanh MLP), no final norm.
 - A 2x2 spatial-merge MLP ("merger") into the LLM width, and the DeepStack mergers that turn the outputs of
   a few intermediate blocks into extra features for the first LLM layers (§2.2).
 
 Input layout (as the processor makes it): `pixel_values` [N, 3*2*16*16] with each row ordered (c, t, py, px),
 rows in merge-block order (for each frame group: rows of 2x2 blocks, row-major inside a block);
-`grid_thw` [n, 3] = (t, h, w) in patches per image/video. There is no Python loop over images; the forward reads
-the frame-group sizes back to the host once (to shape the batched attention) and loops over the distinct sizes.
+`grid_thw` [n, 3] = (t, h, w) in patches per image/video. There is no Python loop over images; the dense-batch
+path reads the frame-group sizes back to the host once (to shape the batched attention) and loops over the
+distinct sizes.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flex
 from rope import apply_rotary, vision_cos_sin
 
 
@@ -72,15 +76,21 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, cos, sin, sizes):
-        """x [N, D] with rows grouped by frame-group size (segment_batches); sizes [(count, length), ...]."""
+    def forward(self, x, cos, sin, layout):
+        """
+        x [N, D]; layout: a flex.BlockMask of the frame groups (rows in packed order) or, for dense batches,
+        [(count, length), ...] with the rows grouped by frame-group size (segment_batches). Returns [N, D].
+        """
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, D // self.num_heads).unbind(1)   # [N, nh, hd] each
         q = apply_rotary(q, cos[:, None], sin[:, None])                # rotated in float32
         k = apply_rotary(k, cos[:, None], sin[:, None])
+        if isinstance(layout, flex.BlockMask):   # every frame group in one call: a block mask of their segments
+            y = flex.attention(*(z.transpose(0, 1)[None] for z in (q, k, v)), layout)       # [1, nh, N, hd]
+            return self.proj(y[0].transpose(0, 1).reshape(N, D))                           # [N, D]
         # a patch attends only to patches of its own frame group: one dense batch per frame-group size
         ys, start = [], 0
-        for count, length in sizes:
+        for count, length in layout:
             batch = [z[start:start + count * length].view(count, length, self.num_heads, -1).transpose(1, 2)
                      for z in (q, k, v)]                               # [count, nh, length, hd]
             ys.append(F.scaled_dot_product_attention(*batch).transpose(1, 2).reshape(count * length, D))
@@ -108,8 +118,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, sizes):
-        x = x + self.attn(self.norm1(x), cos, sin, sizes)
+    def forward(self, x, cos, sin, layout):
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -142,6 +152,10 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        # block-diagonal attention over the frame groups: "sdpa" (one dense batch per frame-group size), "flex"
+        # (FlexAttention, all of them in one call with a block mask of their segment ids) or "auto": flex when
+        # training on CUDA (with gradients; inference keeps sdpa, which needs no compilation before its first call)
+        self.attn_impl = "auto"
         patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2     # 1536
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Linear(patch_dim, cfg.hidden_size, bias=True)
@@ -184,15 +198,24 @@ class VisionEncoder(nn.Module):
         x = self.patch_embed.proj(pixel_values.to(dtype))                              # [N, D]
         x = x + self.interpolated_pos_embed(img, row, col, grid_thw).to(dtype)
         cos, sin = vision_cos_sin(row, col, cfg.hidden_size // cfg.num_heads)          # [N, hd] float32
-        # the blocks run on rows grouped by frame-group size; the mergers read them back in packed order
-        order, sizes = segment_batches(grid_thw, segment)
-        inverse = torch.argsort(order)                                                 # [N]
-        x, cos, sin = x[order], cos[order], sin[order]
+        impl = self.attn_impl
+        if impl not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flex', not {impl!r}")
+        if impl == "flex" or (impl == "auto" and x.is_cuda and torch.is_grad_enabled()):
+            # rows stay in packed order; a patch sees the patches of its own segment (frame group)
+            layout = flex.block_mask(lambda b, h, q, kv: segment[q] == segment[kv], 1, N, x.device)
+            packed = lambda y: y                                                       # noqa: E731
+        else:
+            # the blocks run on rows grouped by frame-group size; the mergers read them back in packed order
+            order, layout = segment_batches(grid_thw, segment)
+            inverse = torch.argsort(order)                                             # [N]
+            x, cos, sin = x[order], cos[order], sin[order]
+            packed = lambda y: y[inverse]                                              # noqa: E731
 
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, sizes)
+            x = block(x, cos, sin, layout)
             if i in cfg.deepstack_visual_indexes:
                 j = cfg.deepstack_visual_indexes.index(i)
-                deepstack.append(self.deepstack_merger_list[j](x[inverse]))            # [N/4, out_hidden]
-        return self.merger(x[inverse]), deepstack                                       # [N/4, out_hidden]
+                deepstack.append(self.deepstack_merger_list[j](packed(x)))             # [N/4, out_hidden]
+        return self.merger(packed(x)), deepstack                                        # [N/4, out_hidden]

@@ -30,8 +30,8 @@ pixels and text, and the three splits draw from disjoint seed ranges. Nothing is
 mp4 files of videos, which are cached on disk under a hash of their frames.
 
     world = ToyWorld(seed=0, image_size=96)
-    s = world.sample("train", 7)                         # a task drawn from MIXES["all"]
-    s = world.sample("train", 7, mix=MIXES["align"])     # stage 0: captions only
+    s = world.sample("train", 7)                         # a task drawn from ALL (uniform)
+    s = world.sample("train", 7, mix={"caption": 1.0})   # captions only
     s = world.sample("test", 7, task="count")            # a chosen task
     TASKS["count"].score("3", s), TASKS["count"].chance  # or score("3", s)
     world.text_corpus(10_000)                            # texts to train the tokenizer on
@@ -52,6 +52,8 @@ from typing import Callable
 import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from eval import final_answer, first_number, json_list, score_bbox, score_exact, score_number
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary
@@ -484,38 +486,8 @@ def make_text(rng, size):
 
 # -----------------------------------------------------------------------------
 # Scoring. Each scorer takes the model's reply and the sample and returns 1.0 (right) or 0.0 (wrong),
-# except captions, which get partial credit (F1 over the objects named).
-
-
-def normalize(text):
-    """Lower case, no surrounding punctuation or spaces, single spaces, no leading "the "."""
-    text = " ".join(text.lower().split()).strip(" .,!?;:\"'")
-    return text.removeprefix("the ")
-
-
-def final_answer(text):
-    """The part of a reply after its reasoning: everything after the last </think>."""
-    return text.rsplit("</think>", 1)[-1]
-
-
-def first_number(text):
-    m = re.search(r"-?\d+(?:\.\d+)?", text)
-    return float(m.group()) if m else None
-
-
-def json_list(key, text):
-    """The numbers in the list after "key": in a JSON-ish reply, e.g. "bbox_2d": [1, 2, 3, 4]."""
-    m = re.search(rf'"?{key}"?\s*:\s*\[([^\]]*)\]', text)
-    return [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", m.group(1))] if m else []
-
-
-def score_exact(prediction, sample):
-    return float(normalize(final_answer(prediction)) == normalize(final_answer(sample["answer"])))
-
-
-def score_number(prediction, sample):
-    truth, guess = first_number(final_answer(sample["answer"])), first_number(final_answer(prediction))
-    return float(guess is not None and guess == truth)
+# except captions, which get partial credit (F1 over the objects named). Exact answers, numbers and boxes use the
+# general scorers of eval.py; captions, points (on the object's pixels) and event times are the toy world's own.
 
 
 def score_time(prediction, sample):
@@ -538,20 +510,6 @@ def score_caption(prediction, sample):
         return 0.0
     precision, recall = hits / sum(guess.values()), hits / sum(truth.values())
     return 2 * precision * recall / (precision + recall)
-
-
-def iou(a, b):
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0, w) * max(0, h)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def score_bbox(prediction, sample):
-    """Right when the box overlaps the true one with IoU >= 0.5 (the usual detection threshold)."""
-    guess, truth = json_list("bbox_2d", prediction), json_list("bbox_2d", sample["answer"])
-    return float(len(guess) == 4 and guess[0] < guess[2] and guess[1] < guess[3] and iou(guess, truth) >= 0.5)
 
 
 def score_point(prediction, sample):
@@ -605,37 +563,10 @@ TASKS = {t.name: t for t in [
     ) / 4),
 ]}
 
-# Task mixtures for the training stages (weights, not necessarily summing to one). ALL is also the tokenizer's
-# corpus, without binding (attribute questions already) and lookup (added later: kept out, the tokenizer and every
-# stage before look-ups join stay as they were; its words are those of captions and attribute replies).
+# The tokenizer's corpus and the default draw: every task but binding (attribute questions already) and lookup
+# (its words are those of captions and attribute replies). The training stages' mixes are the toy recipe's
+# (data/toy.py).
 ALL = {t: 1.0 for t in TASKS if t not in ("binding", "lookup")}
-# From stage 1 on, boxes and points come twice as often as each other task. A box scores whenever it lands in the
-# named object's cell, but with uniform weights that was learned in one GPU run in four (bbox 0.08-0.36); twice as
-# often gave 0.30-0.70 in 17 of 17 (README: the toy run). Videos are weighted up with them, to keep their share.
-STAGE1 = {**ALL, "bbox": 2.0, "point": 2.0}
-# Text-only look-ups (make_lookup) three times as often, from the second part of stage 1 on: with them the stop of
-# the colour look-up (make_attribute) formed in most runs (GPU, look-ups in every stage: 13 of 14), without them in
-# about half (README: the toy run).
-LOOKUPS = {"lookup": 3.0}
-MIXES = {
-    "align": {"caption": 1.0},  # stage 0: only the merger learns, on image captions
-    # stage 1 opens on captions and attribute questions alone: the names of the shapes. Straight into the full mix,
-    # one GPU run in four (10 of 40, and CPU seed 1) never told shapes apart by name while it counted them fine;
-    # with this stage 3 of 28 (README: the toy run)
-    "shapes": {"caption": 1.0, "attribute": 1.0},
-    # stage 1 in two parts: first every task but video (two-object attribute questions are part of "attribute"),
-    # text-only included; then videos join, three times as often as most. With videos from the start, half the runs
-    # never learned to tell shapes apart; without them one in four GPU runs still did not (README: the toy run)
-    "all": {t: w for t, w in STAGE1.items() if t != "video"},
-    "video": {**STAGE1, "video": 3.0, **LOOKUPS},
-    "long": {**STAGE1, "video": 4.0, "compare": 3.0, **LOOKUPS},  # stage 2: more of the long samples
-    # SFT starts on two-object attribute questions and videos, then mixes every task, with three parts each of
-    # videos and those questions: with two objects, "What color is the square?" needs the object-by-object look-up
-    # to stop at the right object (make_attribute), which one object never asks for. Without the videos the
-    # timestamp checks faded meanwhile (README: the toy run).
-    "binding": {"binding": 1.0, "video": 1.0},
-    "sft": {**STAGE1, "video": 3.0, "binding": 3.0, **LOOKUPS},
-}
 
 
 def score(prediction, sample):
@@ -667,12 +598,12 @@ class ToyWorld:
             task, kind, split, index, question, answer (the assistant's full reply),
             messages: HF-style chat [user, assistant] with the images / video,
             info: ground truth for scoring and inspection (scenes, tracks, mask, ...).
-        The task is `task` if given, else drawn from `mix` (task -> weight; default MIXES["all"]).
+        The task is `task` if given, else drawn from `mix` (task -> weight; default ALL).
         render=False skips pixels and video files (image, video and frames are None): for text-only uses."""
         # Seed with the number's text: Python hashes a str seed (SHA-512) into the generator's state. An int
         # seed is used as is, and CPython's Mersenne Twister gives e.g. seeds 2 and 2**32 + 2 identical streams.
         rng = random.Random(str(self.sample_seed(split, index)))
-        mix = mix or MIXES["all"]
+        mix = mix or ALL
         if task is None:
             task = rng.choices(list(mix), weights=list(mix.values()))[0]
         spec = TASKS[task].make(rng, self.image_size)

@@ -116,3 +116,11 @@ def make_batch(rows, seed=0):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return build_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """torch refuses backward through FlexAttention on the CPU (a device guard: its eager implementation, a dense
+    score matrix, differentiates exactly). Lifted for the tests that compare FlexAttention's gradients."""
+    import torch.nn.attention.flex_attention as fa
+    monkeypatch.setattr(fa, "_validate_device", lambda *tensors: None)

@@ -14,9 +14,10 @@ import av
 import numpy as np
 import pytest
 
-from data.toyworld import (BACKGROUND, CELL, COLOR_NAMES, COLORS, EVENT_STRIDE, MIXES, PLURAL, SHAPES, SPLITS, TASKS,
-                           VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld, final_answer, json_list, normalize, object_mask,
-                           score, video_timestamps)
+from data.toy import MIXES
+from data.toyworld import (ALL, BACKGROUND, CELL, COLOR_NAMES, COLORS, EVENT_STRIDE, PLURAL, SHAPES, SPLITS, TASKS,
+                           VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld, object_mask, score, video_timestamps)
+from eval import final_answer, json_list, normalize
 
 SIZE = 96
 
@@ -156,8 +157,8 @@ def test_render_false_keeps_the_text_and_skips_the_pixels(world):
 
 def test_mixes(world):
     """Every stage's tasks come up as often as its mix weighs them (within 4 standard deviations), and a sample
-    without a mix is drawn from MIXES["all"]."""
-    for name, mix in [(None, MIXES["all"])] + list(MIXES.items()):
+    without a mix is drawn from ALL."""
+    for name, mix in [(None, ALL)] + list(MIXES.items()):
         n = 200 * round(sum(mix.values()))  # about 200 samples per unit of weight
         counts = Counter(world.sample("train", i, mix=mix if name else None, render=False)["task"] for i in range(n))
         assert set(counts) == set(mix), name

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import train
+from data.toy import ToyData
 from data.toyworld import ToyWorld
+from eval import evaluate
 from model import Qwen3VL, Qwen3VLConfig
 from processor import Processor
 from tokenizer import Tokenizer
@@ -30,7 +32,7 @@ def toy():
     model = Qwen3VL(cfg).eval()
     model.init_weights(seed=1)
     processor = Processor(tok, min_pixels=64 * 64 // 2, max_pixels=64 * 64 * 4)
-    return world, tok, model, train.Packer(world, processor, cfg)
+    return world, tok, model, train.Packer(ToyData(seed=0), processor, cfg)
 
 
 def losses(out_dir):
@@ -78,7 +80,7 @@ def test_packed_row_equals_samples_alone(toy):
 def test_rows_are_a_function_of_their_number(toy):
     world, tok, model, packer = toy
     a = [s["ids"] for s in packer.row(7, "sft", 128)]
-    other = train.Packer(world, packer.processor, model.cfg)
+    other = train.Packer(ToyData(seed=0), packer.processor, model.cfg)
     other.row(3, "sft", 128)
     b = [s["ids"] for s in other.row(7, "sft", 128)]
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -101,31 +103,35 @@ def test_evaluate_scores_each_kind_of_question(toy, monkeypatch):
         return torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in replies])
 
     monkeypatch.setattr(sample, "generate", fake_generate)
-    from data import toyworld
-    monkeypatch.setattr(toyworld, "TASKS", {"compare": toyworld.TASKS["compare"]})
-    scores, kinds, _ = train.evaluate(model, packer.processor, world, "val", 12, "cpu", train.nullcontext(), 8)
+    from data import toy
+    monkeypatch.setattr(toy, "TASKS", {"compare": toy.TASKS["compare"]})
+    results, _ = evaluate(model, packer.processor, ToyData(seed=0, split="val"), 12, "cpu", train.nullcontext(), 8)
     kind_of = [s["kind"] for s in samples]
     assert set(kind_of) == {"shape", "color", "all"}
-    assert kinds["compare"] == {"shape": 1.0, "color": 0.0, "all": 0.0}
-    assert scores["compare"] == pytest.approx(kind_of.count("shape") / 12)
+    assert results["compare"]["kinds"] == {"all": 0.0, "color": 0.0, "shape": 1.0}
+    assert results["compare"]["score"] == pytest.approx(kind_of.count("shape") / 12)
+    assert results["compare"]["n"] == 12 and results["compare"]["chance"] == 0.5
 
 
 def test_lr_schedule_restarts_for_sft_only_after_other_stages():
     """One warmup + cosine over the run; an SFT stage after other stages restarts at sft_lr_ratio * lr (warmup,
     then its own cosine to min_lr_ratio of that), and the steps before it are as without the restart."""
+    def lr(step, args):
+        return train.lr_at(step, args, train.post_start(args.stage_list, ToyData))
+
     a = train.parse_args(["--stages", "pretrain:100,sft:50", "--lr", "1e-3", "--warmup", "5", "--min_lr_ratio", "0.1"])
     b = train.parse_args(["--stages", "pretrain:100,sft:50", "--lr", "1e-3", "--warmup", "5", "--min_lr_ratio", "0.1",
                           "--sft_lr_ratio", "0"])
-    assert [train.lr_at(s, a) for s in range(100)] == [train.lr_at(s, b) for s in range(100)]
-    assert train.lr_at(4, a) == pytest.approx(1e-3) and train.lr_at(149, b) == pytest.approx(1e-4, rel=0.01)
-    assert train.lr_at(100, a) == pytest.approx(0.5e-3 / 5) and train.lr_at(104, a) == pytest.approx(0.5e-3)
-    assert train.lr_at(149, a) == pytest.approx(0.5e-4, rel=0.02)
-    assert 0 < train.lr_at(99, b) - train.lr_at(100, b) < 2e-5  # no restart: the cosine goes on
+    assert [lr(s, a) for s in range(100)] == [lr(s, b) for s in range(100)]
+    assert lr(4, a) == pytest.approx(1e-3) and lr(149, b) == pytest.approx(1e-4, rel=0.01)
+    assert lr(100, a) == pytest.approx(0.5e-3 / 5) and lr(104, a) == pytest.approx(0.5e-3)
+    assert lr(149, a) == pytest.approx(0.5e-4, rel=0.02)
+    assert 0 < lr(99, b) - lr(100, b) < 2e-5  # no restart: the cosine goes on
     c = train.parse_args(["--stages", "sft:50", "--lr", "1e-5", "--warmup", "5"])  # SFT alone: --lr, not a fraction
-    assert max(train.lr_at(s, c) for s in range(50)) == pytest.approx(1e-5)
+    assert max(lr(s, c) for s in range(50)) == pytest.approx(1e-5)
     d = train.parse_args(["--stages", "pretrain:100,binding:20,sft:30", "--lr", "1e-3", "--warmup", "5",
                           "--min_lr_ratio", "0.1"])  # binding then sft: one post-training cosine from the binding
-    assert [train.lr_at(s, d) for s in range(100, 150)] == [train.lr_at(s, a) for s in range(100, 150)]
+    assert [lr(s, d) for s in range(100, 150)] == [lr(s, a) for s in range(100, 150)]
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):
@@ -151,6 +157,7 @@ import sys, time, torch
 sys.path.insert(0, ".")
 import train
 from model import Qwen3VL, Qwen3VLConfig
+from processor import Processor
 from tokenizer import Tokenizer
 out = sys.argv[1]
 args = train.parse_args(["--out_dir", out])
@@ -158,12 +165,13 @@ tok = Tokenizer.train(["a tiny corpus"] * 10, 300)
 model = Qwen3VL(Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320)))
 model.init_weights(seed=1)
 opt = train.make_optimizer(model, args, torch.device("cpu"))
-train.save_checkpoint(out, model, opt, tok, 1, args, 0)
+processor = Processor(tok)
+train.save_checkpoint(out, model, opt, tok, processor, 1, args, 0)
 print("saved", flush=True)
 model.init_weights(seed=2)
 slow = tok.save
 tok.save = lambda path: (print("saving", flush=True), time.sleep(30), slow(path))   # the kill lands here
-train.save_checkpoint(out, model, opt, tok, 2, args, 0)
+train.save_checkpoint(out, model, opt, tok, processor, 2, args, 0)
 """
 
 
@@ -238,19 +246,35 @@ def test_export_dtype_bfloat16(tmp_path):
             assert torch.equal(p, Qwen3VL.initial_value(name, p.shape, 0, std).to(torch.bfloat16)), name
 
 
-def test_unknown_config_key(tmp_path):
+def test_unknown_config_key(tmp_path, capsys):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1e-3}))
-    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['learning_rate'\]"):
+    with pytest.raises(SystemExit):
         train.parse_args(["--config", str(cfg)])
+    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
     cfg.write_text(json.dumps({"lr": 1e-3, "batch_size": 3}))
     assert train.parse_args(["--config", str(cfg), "--batch_size", "5"]).batch_size == 5   # flags win
-    with pytest.raises(SystemExit, match="bad stage 'warmup:10'"):
-        train.parse_args(["--stages", "warmup:10"])
+    assert train.parse_args(["--config", str(cfg)]).lr == 1e-3                              # the file beats the recipe
+    cfg.write_text(json.dumps({"data": "my.jsonl"}))
+    assert train.parse_args(["--config", str(cfg)]).lr == 1e-5         # not toy data: the general defaults
+    for bad, words in ((["--stages", "sft:1٣"], "bad stage 'sft:1٣'"), (["--batch_size", "0"],
+                       "--batch_size 0: must be >= 1"), (["--lr", "nan"], "--lr nan: must be a finite number"),
+                       (["--preset", "toy-xl"], "invalid choice: 'toy-xl'")):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+        assert words in capsys.readouterr().err, bad
+
+
+def test_the_toy_recipe_sets_the_defaults_only_for_toy_data():
+    from data.toy import SETTINGS
+    toy, general = train.parse_args([]), train.parse_args(["--data", "x.jsonl"])
+    for key, value in SETTINGS.items():
+        assert getattr(toy, key) == value, key
+    assert (general.lr, general.vision_lr_mult, general.pos_embed_std, general.stages) == (1e-5, 1.0, 0.02, "sft:1000")
 
 
 def test_bad_init_from(tmp_path, toy):
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(ValueError, match="no config.json"):
         train.main(TINY + ["--init_from", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o")])
     _, tok, model, _ = toy
     model.save_pretrained(tmp_path / "ckpt")
@@ -260,7 +284,7 @@ def test_bad_init_from(tmp_path, toy):
     cfg["vision_config"]["out_hidden_size"] = 128
     cfg["text_config"]["num_attention_heads"] = 4
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit, match="embed_tokens.weight' has shape"):
+    with pytest.raises(ValueError, match="embed_tokens.weight' has shape"):
         train.main(TINY + ["--init_from", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "o")])
 
 
@@ -272,3 +296,78 @@ def test_plan_counts_and_checkpointing():
         assert ac["activations"] < full["activations"] / 2
         assert train.plan(cfg, 4096, 1, 4, False)["state"] < full["state"]
         assert 6 * n < full["flops_per_token"] < 6 * n * 1.5
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: the test fails if the file appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_nothing_in_a_checkpoint_runs_code(tmp_path):
+    """Payloads planted in a checkpoint's pickle-based files (the distributed checkpoint's metadata, a non-tensor
+    entry) are refused with an error and never run; the RNG file is safetensors, which holds no code."""
+    import pickle
+    run = tmp_path / "run"
+    train.main(TINY + ["--stages", "align:2", "--eval_every", "1", "--eval_samples", "0", "--out_dir", str(run)])
+    ckpt = train.latest_checkpoint(str(run))
+    assert sorted(os.listdir(ckpt)) == ["config.json", "dcp", "preprocessor_config.json", "rng-0.safetensors",
+                                       "tokenizer.tiktoken", "train_state.json"]
+    marker = tmp_path / "pwned"
+    with open(os.path.join(ckpt, "dcp", ".metadata"), "wb") as f:
+        pickle.dump(Payload(marker), f)
+    with pytest.raises(pickle.UnpicklingError, match="refers to posix.system"):
+        train.verify_checkpoint(ckpt)
+    import io
+    from sample import load
+    planner = train.SafePlanner()
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, io.BytesIO(pickle.dumps(Payload(marker))))
+    older = train.checkpoints(str(run))[1]                   # --keep_checkpoints 2: the step-1 one is kept
+    assert train.latest_checkpoint(str(run)) == older       # the damaged newest is skipped for the older one
+    model, _, _ = load(str(run))
+    assert not marker.exists()
+
+
+def test_resume_falls_back_from_a_truncated_checkpoint(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    args = TINY + ["--stages", "align:3", "--eval_every", "1", "--eval_samples", "0", "--out_dir", run,
+                   "--keep_checkpoints", "2"]
+    train.main(args)
+    newest, older = train.checkpoints(run)
+    assert newest.endswith("ckpt-0000003") and older.endswith("ckpt-0000002")
+    shard = next(f for f in os.listdir(os.path.join(newest, "dcp")) if f.endswith(".distcp"))
+    with open(os.path.join(newest, "dcp", shard), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=rf"dcp/{shard} is truncated \(100 bytes"):
+        train.verify_checkpoint(newest)
+    capsys.readouterr()
+    train.main(args + ["--stages", "align:4", "--resume"])
+    out = capsys.readouterr().out
+    assert "skipped damaged checkpoint(s)" in out and "resumed from" in out and "ckpt-0000002 at step 2" in out
+    assert len(losses(run)) == 4
+
+
+def test_nan_loss_stops_the_run_without_saving(tmp_path):
+    """A learning rate that blows the weights up: the run stops with an error at the first non-finite loss, and the
+    last checkpoint written before it stays the latest."""
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"the loss became (nan|inf) at step (\d+) .* stopped without saving") as e:
+        train.main(TINY + ["--stages", "align:1,pretrain:5", "--eval_every", "1", "--eval_samples", "0",
+                           "--lr", "1e20", "--warmup", "0", "--out_dir", str(run)])
+    logged = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert f"at step {logged[-1] + 1} " in str(e.value)
+    assert (run / "latest").read_text() == f"ckpt-{logged[-1]:07d}"          # saved before the bad step, kept
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    run = str(tmp_path / "run")
+    train.main(TINY + ["--stages", "align:1", "--eval_every", "0", "--eval_samples", "0", "--out_dir", run])
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    with pytest.raises(FileExistsError, match="holds a run; --resume it"):
+        train.main(TINY + ["--stages", "align:1", "--out_dir", run])
+    assert open(os.path.join(run, "metrics.jsonl")).read() == before

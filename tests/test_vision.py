@@ -14,8 +14,18 @@ GRIDS = [
 ]
 
 
+@pytest.fixture(params=["sdpa", "flex"])
+def vit_impl(request, pair):
+    """Each test below runs on both attention paths of the ViT (vision.VisionEncoder.attn_impl): dense batches per
+    frame-group size, and FlexAttention over the whole packed sequence with a block mask of its segments."""
+    _, ours = pair
+    ours.visual.attn_impl = request.param
+    yield request.param
+    ours.visual.attn_impl = "auto"
+
+
 @pytest.mark.parametrize("grid", GRIDS)
-def test_vision_encoder_matches_reference(pair, grid):
+def test_vision_encoder_matches_reference(pair, grid, vit_impl):
     ref, ours = pair
     grid = torch.tensor(grid)
     g = torch.Generator().manual_seed(0)
@@ -29,9 +39,10 @@ def test_vision_encoder_matches_reference(pair, grid):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_vision_encoder_gradients_match_reference(pair):
-    """Training goes back through the batched block-diagonal attention (rows gathered by frame-group size and
-    scattered back): every ViT and merger gradient equals the reference's, on images of several sizes and a video."""
+def test_vision_encoder_gradients_match_reference(pair, vit_impl, flex_backward_on_cpu):
+    """Training goes back through the block-diagonal attention (dense batches: rows gathered by frame-group size
+    and scattered back; flex: one block-masked call): every ViT and merger gradient equals the reference's, on
+    images of several sizes and a video."""
     ref, ours = pair
     grid = torch.tensor(GRIDS[3] + [[1, 4, 6]])
     g = torch.Generator().manual_seed(2)
@@ -66,7 +77,7 @@ def test_vision_encoder_under_bf16_autocast(pair):
     torch.testing.assert_close(tok.float(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
 
 
-def test_frame_groups_do_not_attend_to_each_other(pair):
+def test_frame_groups_do_not_attend_to_each_other(pair, vit_impl):
     """Changing the pixels of one image (or one frame group) leaves every other one's features unchanged."""
     _, ours = pair
     grid = torch.tensor([[2, 4, 4], [1, 4, 4]])

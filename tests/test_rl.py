@@ -1,0 +1,464 @@
+"""rl.py against the math of SAPO, GRPO and GSPO (shared/reference/post_training.md §1-3, properties of §6): autograd
+gradients against closed forms, the gate's values and bounds, clipping, aggregation and padding, group advantages,
+the logged diagnostics, argument checks; and each verifiable reward on right, wrong and malformed replies."""
+import math
+
+import pytest
+import torch
+
+from rl import (REWARDS, check_rl_args, format_reward, group_advantages, grpo_loss, gspo_loss, k3_kl, last_boxed,
+                loss_stats, reward_failures, safe_reward, sapo_gate, sapo_gate_weight, sapo_loss, sequence_ratio)
+
+LENGTHS = [5, 3, 1]                 # response lengths of the test batch, right-padded to T = 5
+
+
+def batch(seed=0, spread=0.3, lengths=LENGTHS, T=5):
+    """old_logp, logp (requires grad), advantages [B], mask [B, T] float64; ratios exp(N(0, spread^2))."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    old = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    logp = (old + spread * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).double()
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    return old, logp, adv, mask
+
+
+def grad(loss_fn, logp, *args, **kw):
+    logp.grad = None
+    loss_fn(logp, *args, **kw).backward()
+    return logp.grad.clone()
+
+
+def per_token_scale(mask):
+    """1 / (B |y_i|) at response tokens, 0 at padding: the seq-mean-token-mean weight of each token."""
+    return mask / mask.sum(-1, keepdim=True) / mask.shape[0]
+
+
+def reinforce(logp, old_logp, adv, mask):
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    return -(adv * logp * per_token_scale(mask)).sum()
+
+
+# ---------------------------------------------------------------------------------------------------- SAPO
+
+
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_on_policy_gradients_are_reinforce(per_token_adv):
+    """§6 SAPO 1 / GRPO 1: at r = 1 SAPO (any taus), GRPO (any eps) and GSPO all give the REINFORCE gradient."""
+    _, logp, adv, mask = batch()
+    if per_token_adv:
+        adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    old = logp.detach()
+    expected = grad(reinforce, logp, old, adv, mask)
+    for taus in [(1.0, 1.05), (0.5, 3.0), (2.0, 2.0)]:
+        torch.testing.assert_close(grad(sapo_loss, logp, old, adv, mask, *taus), expected)
+    for eps in [0.2, (0.1, 0.5)]:
+        torch.testing.assert_close(grad(grpo_loss, logp, old, adv, mask, eps), expected)
+    torch.testing.assert_close(grad(gspo_loss, logp, old, adv, mask), expected)
+    if not per_token_adv:                   # on-policy GRPO value: -mean(A) under seq-mean-token-mean
+        torch.testing.assert_close(grpo_loss(logp, old, adv, mask), -adv.mean())
+
+
+def test_sapo_gate_values():
+    """§6 SAPO 2: f(1) = 2/tau, f'(1) = 1 for every tau, w = sech^2(tau (r-1)/2) = finite differences of f, the
+    appendix's spot values."""
+    for tau, f1 in [(0.1, 20.0), (1.0, 2.0), (1.05, 1.905), (5.0, 0.4)]:
+        r = torch.ones((), dtype=torch.float64, requires_grad=True)
+        f = sapo_gate(r, tau)
+        f.backward()
+        assert f.item() == pytest.approx(f1, abs=5e-4)
+        assert r.grad.item() == 1.0
+    r = torch.linspace(0, 6, 61, dtype=torch.float64)
+    for tau in [0.7, 1.0, 1.05, 3.0]:
+        h = 1e-6
+        fd = (sapo_gate(r + h, tau) - sapo_gate(r - h, tau)) / (2 * h)
+        torch.testing.assert_close(sapo_gate_weight(r, tau), fd, atol=1e-8, rtol=1e-6)
+        torch.testing.assert_close(sapo_gate_weight(r, tau), torch.cosh(tau * (r - 1) / 2) ** -2)
+    r = torch.tensor([0.5, 0.8, 1.2, 1.5, 2.0, 3.0, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(sapo_gate_weight(r, 1.0), torch.tensor(
+        [0.940, 0.990, 0.990, 0.940, 0.786, 0.420, 0.071], dtype=torch.float64), atol=6e-4, rtol=0)
+    torch.testing.assert_close(sapo_gate_weight(r, 1.05), torch.tensor(
+        [0.934, 0.989, 0.989, 0.934, 0.768, 0.389, 0.058], dtype=torch.float64), atol=6e-4, rtol=0)
+
+
+def test_sapo_gate_symmetric_decreasing_bounded():
+    """§6 SAPO 3-4: w(1+d) = w(1-d), decreasing in |d|, in (0, 1], smaller for larger tau; 0 < f < 4/tau; w r peaks
+    at 1.5747 (r = 2.06, tau = 1) and 1.5363 (r = 1.992, tau = 1.05); w = 0.5 / 0.9 at |tau (r-1)| = 1.7627 / 0.6549."""
+    d = torch.linspace(0, 0.999, 1000, dtype=torch.float64)
+    for tau in [1.0, 1.05, 4.0]:
+        w = sapo_gate_weight(1 + d, tau)
+        torch.testing.assert_close(w, sapo_gate_weight(1 - d, tau), rtol=0, atol=1e-15)
+        assert (w[1:] < w[:-1]).all() and (w > 0).all() and (w <= 1).all()
+        assert (sapo_gate_weight(1 + d[1:], tau + 0.5) < w[1:]).all()
+    r = torch.linspace(0, 20, 20001, dtype=torch.float64)          # beyond, f rounds to 4/tau in float64
+    for tau, peak, at in [(1.0, 1.5747, 2.060), (1.05, 1.5363, 1.992)]:
+        f = sapo_gate(r, tau)
+        assert (f > 0).all() and (f < 4 / tau).all()
+        wr = sapo_gate_weight(r, tau) * r
+        assert wr.max().item() == pytest.approx(peak, abs=1e-4)
+        assert r[wr.argmax()].item() == pytest.approx(at, abs=2e-3)
+    for tau in [1.0, 1.05]:
+        assert sapo_gate_weight(torch.tensor(1 + 1.7627 / tau), tau).item() == pytest.approx(0.5, abs=1e-4)
+        assert sapo_gate_weight(torch.tensor(1 + 0.6549 / tau), tau).item() == pytest.approx(0.9, abs=1e-4)
+
+
+def test_sapo_gradient_closed_form():
+    """Off-policy, [B, T] advantages of both signs and zeros: d loss / d logp = -w_tau(r) r A / (B |y_i|), tau by
+    the sign of each token's advantage; a token with A = 0 gets no gradient."""
+    old, logp, _, mask = batch(spread=0.8)
+    adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    adv[0, 1] = 0.0
+    r = (logp - old).exp().detach()
+    tau = torch.where(adv > 0, 1.0, 1.05)
+    expected = -sapo_gate_weight(r, tau) * r * adv * per_token_scale(mask)
+    got = grad(sapo_loss, logp, old, adv, mask)
+    torch.testing.assert_close(got, expected)
+    assert got[0, 1] == 0
+
+
+def test_sapo_tau_follows_advantage_sign():
+    """§6 SAPO 5: one token at r = 2: A = +1 uses tau_pos = 1 (weight 0.786), A = -1 uses tau_neg = 1.05 (0.768),
+    A = 0 contributes neither loss nor gradient; with tau_pos = tau_neg the loss is odd in A, with the default
+    (tau_neg > tau_pos) it is not."""
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    logp = torch.full((1, 1), math.log(2.0), dtype=torch.float64, requires_grad=True)
+    for a, coef in [(1.0, -0.786 * 2), (-1.0, 0.768 * 2)]:
+        assert grad(sapo_loss, logp, old, torch.tensor([a]), mask).item() == pytest.approx(coef, abs=2e-3)
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert sapo_loss(logp, old, zero, mask).item() == 0 and grad(sapo_loss, logp, old, zero, mask).item() == 0
+    old, logp, adv, mask = batch(spread=0.8)
+    torch.testing.assert_close(sapo_loss(logp, old, -adv, mask, 1.3, 1.3), -sapo_loss(logp, old, adv, mask, 1.3, 1.3))
+    assert not torch.allclose(sapo_loss(logp, old, -adv, mask), -sapo_loss(logp, old, adv, mask))
+
+
+def test_sapo_tau_limits():
+    """§6 SAPO 6: tau = 1e-4 gives the unclipped importance-sampling gradient -r A / (B |y_i|) (to ~1e-4); tau = 1e4
+    with r != 1 gives ~0."""
+    old, logp, adv, mask = batch(spread=0.5)
+    r = (logp - old).exp().detach()
+    expected = -r * adv[:, None] * per_token_scale(mask)
+    torch.testing.assert_close(grad(sapo_loss, logp, old, adv, mask, 1e-4, 1e-4), expected, rtol=2e-4, atol=0)
+    assert ((r - 1).abs() > 1e-2).all()
+    assert grad(sapo_loss, logp, old, adv, mask, 1e4, 1e4).abs().max() < 1e-30
+
+
+def test_sapo_token_adaptive_where_gspo_drops_the_sequence():
+    """§2.4 / §6 SAPO 8: ratios (1.02, 1.01, 0.99, 2.5), A = +1: SAPO weights ~(0.9999, 1.0, 1.0, 0.597), only the
+    outlier damped; GSPO's s = 1.2637 is outside 1 + 4e-4, so every token gets zero gradient."""
+    ratios = torch.tensor([[1.02, 1.01, 0.99, 2.5]], dtype=torch.float64)
+    old, mask, adv = torch.zeros(1, 4, dtype=torch.float64), torch.ones(1, 4), torch.ones(1, dtype=torch.float64)
+    logp = ratios.log().requires_grad_()
+    weights = -grad(sapo_loss, logp, old, adv, mask) * 4 / ratios
+    torch.testing.assert_close(weights, torch.tensor([[0.9999, 1.0, 1.0, 0.597]], dtype=torch.float64),
+                               atol=5e-4, rtol=0)
+    assert sequence_ratio(logp, old, mask).item() == pytest.approx(1.2637, abs=1e-4)
+    assert (grad(gspo_loss, logp, old, adv, mask) == 0).all()
+
+
+def test_sequence_gate_approximation():
+    """§2.4 / §6 SAPO 9: with g(z) = sech^2(tau z / 2) the gate weight at r = 1 + z,
+    |mean_t g(z_t) - g(mean z)| <= tau^2 / 4 Var(z) for small z."""
+    g = torch.Generator().manual_seed(3)
+    for tau in [1.0, 1.05, 3.0]:
+        for _ in range(20):
+            z = 0.1 * torch.randn(16, generator=g, dtype=torch.float64)
+            gap = sapo_gate_weight(1 + z, tau).mean() - sapo_gate_weight(1 + z.mean(), tau)  # g(z) = w(1 + z)
+            assert gap.abs() <= tau ** 2 / 4 * z.var(unbiased=False)
+
+
+@pytest.mark.parametrize("loss", [sapo_loss, grpo_loss, gspo_loss])
+def test_padding_and_length_normalisation(loss):
+    """§6 SAPO 7: padding tokens (any values) change neither loss nor gradient; every response weighs the same
+    whatever its length: repeating a response's tokens leaves the loss unchanged."""
+    old, logp, adv, mask = batch(spread=0.1)
+    padded_old = torch.cat([old, 5 * torch.randn(3, 4, dtype=torch.float64)], 1)
+    padded_logp = torch.cat([logp.detach(), 7 * torch.randn(3, 4, dtype=torch.float64)], 1).requires_grad_()
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.float64)], 1)
+    torch.testing.assert_close(loss(padded_logp, padded_old, adv, padded_mask), loss(logp, old, adv, mask))
+    g = grad(loss, padded_logp, padded_old, adv, padded_mask)
+    torch.testing.assert_close(g[:, :5], grad(loss, logp, old, adv, mask))
+    assert (g[padded_mask == 0] == 0).all()
+    # response 1 (3 tokens) written twice over 6 tokens: same per-response mean, same loss
+    widen = lambda x: torch.cat([x.detach(), torch.zeros(3, 1, dtype=x.dtype)], 1)
+    old6, logp6, mask6 = widen(old), widen(logp), widen(mask)
+    old6[1], logp6[1], mask6[1] = old[1, :3].repeat(2), logp.detach()[1, :3].repeat(2), 1
+    torch.testing.assert_close(loss(logp6, old6, adv, mask6), loss(logp, old, adv, mask))
+
+
+def test_aggregation_is_seq_mean_token_mean():
+    """§6 GRPO 7: lengths 1 and 3, per-token losses l = -r A: loss = (l_1 + mean(l_2..4)) / 2, not sum(l) / 4."""
+    r = torch.tensor([[1.1, 1.0, 1.0], [0.9, 1.05, 1.15]], dtype=torch.float64)
+    adv, mask = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    l = -r * adv[:, None]
+    expected = (l[0, 0] + l[1].mean()) / 2
+    got = grpo_loss(r.log(), torch.zeros_like(r), adv, mask)
+    torch.testing.assert_close(got, expected)
+    assert not torch.isclose(got, (l * mask).sum() / 4)
+
+
+@pytest.mark.parametrize("loss", [sapo_loss, grpo_loss, gspo_loss])
+def test_extreme_log_ratios_stay_finite(loss):
+    """§6 SAPO 10: logp - old_logp = +-50 or +-100, even in float32 (where exp(100) overflows), gives a finite loss
+    and gradient: log-ratios are clamped to +-20."""
+    for dtype, d in [(torch.float64, 50.0), (torch.float32, 100.0)]:
+        logp = torch.tensor([[d, -d], [-d, d]], dtype=dtype, requires_grad=True)
+        old, adv, mask = torch.zeros(2, 2, dtype=dtype), torch.tensor([1.0, -1.0], dtype=dtype), torch.ones(2, 2)
+        value = loss(logp, old, adv, mask)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(logp.grad).all()
+        assert torch.isfinite(k3_kl(logp, torch.zeros(2, 2, dtype=dtype))).all()
+    # the ratio itself is capped at e^20: one token, A = -1, r = e^50 -> GRPO's loss is r = e^20
+    one = torch.ones(1, 1, dtype=torch.float64)
+    assert grpo_loss(50 * one, 0 * one, -one[0], one).item() == pytest.approx(math.exp(20))
+
+
+# ---------------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.mark.parametrize("adv, r, coef", [(1.0, 1.5, 0.0), (1.0, 0.5, -0.5), (-1.0, 0.5, 0.0), (-1.0, 1.5, 1.5)])
+def test_grpo_one_sided_clip(adv, r, coef):
+    """§6 GRPO 2 (eps = 0.2): the gradient is -A r (unclipped) unless the token already moved past the band in the
+    direction A pushes it."""
+    logp = torch.full((1, 1), math.log(r), dtype=torch.float64, requires_grad=True)
+    g = grad(grpo_loss, logp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1))
+    assert g.item() == pytest.approx(coef)
+
+
+def test_grpo_asymmetric_band():
+    """§6 GRPO 4: clip_eps = (0.2, 0.28) cuts at 1.28 for A > 0 and at 0.8 for A < 0."""
+    r = torch.tensor([[1.27, 1.29], [0.81, 0.79]], dtype=torch.float64)
+    logp = r.log().requires_grad_()
+    g = grad(grpo_loss, logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), torch.ones(2, 2), (0.2, 0.28))
+    assert g[0, 0] != 0 and g[0, 1] == 0 and g[1, 0] != 0 and g[1, 1] == 0
+
+
+def test_grpo_closed_form():
+    """Inside the band GRPO equals its unclipped form -mean(r A); outside it the gradient is exactly 0; everywhere
+    d loss / d logp = -r A 1[not clipped] / (B |y_i|)."""
+    old, logp, adv, mask = batch(spread=0.05)
+    r = (logp - old).exp().detach()
+    assert ((r > 0.8) & (r < 1.2))[mask > 0].all()
+    torch.testing.assert_close(grpo_loss(logp, old, adv, mask),
+                               (-r * adv[:, None] * per_token_scale(mask)).sum())
+    old, logp, adv, mask = batch(spread=0.4)
+    r = (logp - old).exp().detach()
+    a = adv[:, None]
+    flat = ((a > 0) & (r > 1.2)) | ((a < 0) & (r < 0.8))
+    assert flat[mask > 0].any() and (~flat)[mask > 0].any()
+    torch.testing.assert_close(grad(grpo_loss, logp, old, adv, mask), -r * a * ~flat * per_token_scale(mask))
+
+
+def test_k3_kl_term():
+    """§6 GRPO 6: k3 = exp(d) - d - 1 >= 0, 0 at logp = ref_logp, ~d^2/2 for small d; grpo_loss adds
+    kl_coef * its seq-mean-token-mean, with gradient kl_coef (1 - exp(ref - logp)) / (B |y_i|)."""
+    old, logp, adv, mask = batch(spread=0.3)
+    ref = old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert (k3_kl(logp, ref) >= 0).all() and (k3_kl(logp, logp.detach()) == 0).all()
+    d = torch.tensor([1e-3, -2e-3], dtype=torch.float64)
+    torch.testing.assert_close(k3_kl(torch.zeros(2, dtype=torch.float64), d), d ** 2 / 2, rtol=2e-3, atol=0)
+    base, with_kl = grpo_loss(logp, old, adv, mask), grpo_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.04)
+    expected = base + 0.04 * (k3_kl(logp, ref) * per_token_scale(mask)).sum()
+    torch.testing.assert_close(with_kl, expected)
+    kl_grad = grad(grpo_loss, logp, old, adv, mask, ref_logp=ref, kl_coef=0.04) - grad(grpo_loss, logp, old, adv, mask)
+    torch.testing.assert_close(kl_grad, 0.04 * (1 - (ref - logp).exp().detach()) * per_token_scale(mask))
+    with pytest.raises(ValueError, match="kl_coef = 0.1 needs ref_logp"):
+        grpo_loss(logp, old, adv, mask, kl_coef=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- GSPO
+
+
+def test_gspo_sequence_ratio():
+    """§6 GSPO 1, 5: s_i = the geometric mean of the token ratios (prod r^(1/|y_i|)), 1 on-policy, blind to padding
+    and to repeating the response's log-ratios."""
+    old, logp, _, mask = batch(spread=0.3)
+    r = (logp - old).exp().detach()
+    geometric = torch.stack([r[i, :n].prod() ** (1 / n) for i, n in enumerate(LENGTHS)])
+    torch.testing.assert_close(sequence_ratio(logp, old, mask), geometric)
+    assert (sequence_ratio(logp, logp.detach(), mask) == 1).all()
+    torch.testing.assert_close(sequence_ratio(logp.repeat(1, 3), old.repeat(1, 3), torch.ones(3, 15))[0],
+                               geometric[0])
+
+
+@pytest.mark.parametrize("clip_eps", [(3e-4, 4e-4), 0.05])
+def test_gspo_token_form_equals_sequence_form(clip_eps):
+    """§6 GSPO 2: the loss (GSPO-token form) equals the sequence form -mean_i min(s_i A, clip(s_i) A), with gradient
+    through s_i = exp(masked mean log r), in value and gradient."""
+    old, logp, adv, mask = batch(spread=0.05)
+    low, high = clip_eps if isinstance(clip_eps, tuple) else (clip_eps, clip_eps)
+
+    def sequence_form(logp, old, adv, mask):
+        s = (((logp - old) * mask).sum(-1) / mask.sum(-1)).exp()
+        return torch.maximum(-s * adv, -s.clamp(1 - low, 1 + high) * adv).mean()
+
+    torch.testing.assert_close(gspo_loss(logp, old, adv, mask, clip_eps), sequence_form(logp, old, adv, mask))
+    torch.testing.assert_close(grad(gspo_loss, logp, old, adv, mask, clip_eps),
+                               grad(sequence_form, logp, old, adv, mask))
+
+
+def test_gspo_whole_sequence_clip_and_equal_token_weights():
+    """§6 GSPO 3-4: a response with s > 1 + eps_high and A > 0 gets zero gradient on every token, the others are
+    unaffected; inside the band every token of response i gets -A_i s_i / (B |y_i|)."""
+    old, logp, _, mask = batch(spread=0.0)
+    with torch.no_grad():
+        logp[0] += 0.01                                 # s_0 = e^0.01, past 1 + 4e-4
+        logp[1, :3] += torch.tensor([1e-4, -2e-4, 3e-4], dtype=torch.float64)
+    adv = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+    g = grad(gspo_loss, logp, old, adv, mask)
+    s = sequence_ratio(logp, old, mask).detach()
+    assert (g[0] == 0).all()
+    expected = -(adv * s)[:, None] * per_token_scale(mask)
+    torch.testing.assert_close(g[1:], expected[1:])
+
+
+# ---------------------------------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages():
+    """§6 GRPO 5: zero mean and unit (unbiased) std in each group; a group of equal rewards, or of one response,
+    gets exact zeros (no NaN); group_size must divide the number of rewards."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3, 0.2, 0.9, 0.4, 0.0])
+    adv = group_advantages(rewards, 4).reshape(3, 4)
+    torch.testing.assert_close(adv.mean(-1), torch.zeros(3), atol=1e-6, rtol=0)
+    assert adv[1].eq(0).all()
+    for row in adv[[0, 2]]:
+        assert row.std().item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]) * math.sqrt(3) / 2, atol=1e-5, rtol=0)
+    one = group_advantages(torch.tensor([0.7, 0.1, 1.0]), 1)
+    assert one.eq(0).all() and not one.isnan().any()
+    assert group_advantages(torch.full((6,), 0.1, dtype=torch.float64), 3).eq(0).all()
+    with pytest.raises(ValueError, match=r"group_size \(4\) must be >= 1 and divide the number of rewards \(6\)"):
+        group_advantages(torch.zeros(6), 4)
+
+
+# ---------------------------------------------------------------------------------------------------- diagnostics
+
+
+def test_loss_stats():
+    """By hand: response 0 (A = +1) has ratios 1, 1.5, 3, 2.7; response 1 (A = -1) has 0.7, 1, then padding.
+    SAPO weight < 0.5: only r = 3 (0.420; r = 2.7 has 0.522); GRPO clips 1.5, 3 and 2.7 (A > 0, > 1.2) and 0.7
+    (A < 0, < 0.8); GSPO: both sequence ratios (1.867, 0.837) are outside the band, so all 6 tokens."""
+    r = torch.tensor([[1.0, 1.5, 3.0, 2.7], [0.7, 1.0, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    stats = loss_stats(r.log(), torch.zeros_like(r), torch.tensor([1.0, -1.0]), mask)
+    assert stats["sapo_gate_below_half"] == pytest.approx(1 / 6)
+    assert stats["grpo_clip_fraction"] == pytest.approx(4 / 6)
+    assert stats["gspo_clip_fraction"] == pytest.approx(1.0)
+    assert stats["ratio_dev"] == pytest.approx((0 + 0.5 + 2 + 1.7 + 0.3 + 0) / 6)
+    on_policy = loss_stats(r.log(), r.log(), torch.tensor([1.0, -1.0]), mask)
+    assert on_policy == dict(ratio_dev=0.0, sapo_gate_below_half=0.0, grpo_clip_fraction=0.0, gspo_clip_fraction=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+
+
+def test_argument_checks():
+    check_rl_args(16)
+    check_rl_args(2, 1.0, 1.0)
+    check_rl_args(8, tau_pos=1.05, tau_neg=1.0, allow_inverted_tau=True)
+    with pytest.raises(ValueError, match=r"tau_neg \(1.0\) < tau_pos \(1.05\).*allow_inverted_tau=True"):
+        check_rl_args(8, tau_pos=1.05, tau_neg=1.0)
+    with pytest.raises(ValueError, match="group_size must be >= 2.*got 1"):
+        check_rl_args(1)
+    with pytest.raises(ValueError, match="tau_pos must be > 0, got 0"):
+        check_rl_args(8, tau_pos=0)
+    old, logp, adv, mask = batch()
+    with pytest.raises(ValueError, match="tau_neg must be > 0, got -1.0"):
+        sapo_loss(logp, old, adv, mask, tau_neg=-1.0)
+    with pytest.raises(ValueError, match=r"clip_eps must be .*got \(1.2, 0.2\)"):
+        grpo_loss(logp, old, adv, mask, clip_eps=(1.2, 0.2))
+    with pytest.raises(ValueError, match=r"advantages must be \[B\] or \[B, T\] with \[B, T\] = \[3, 5\], got \[4\]"):
+        gspo_loss(logp, old, torch.zeros(4), mask)
+
+
+# ---------------------------------------------------------------------------------------------------- rewards
+
+
+def test_last_boxed():
+    """§6 Rewards 1: nested braces, the last box wins, unclosed or missing -> None."""
+    assert last_boxed(r"so \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{1} no, \boxed{2}") == "2"
+    assert last_boxed(r"\boxed{\frac{1}{2}") is None and last_boxed("42") is None
+
+
+THINK = "<think>\nlet me see\n</think>\n\n"
+BOX = '{"bbox_2d": [100, 200, 300, 400], "label": "cup"}'
+REWARD_CASES = [        # reward name, reply, answer, expected score
+    ("exact", THINK + "The Red circle.", "red circle", 1.0),
+    ("exact", r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0),
+    ("exact", THINK + "blue circle", "red circle", 0.0),
+    ("exact", r"\boxed{\frac{1}{2}", r"\frac{1}{2}", 0.0),                      # unclosed box
+    ("number", THINK + "There are 1,234 apples.", "1234", 1.0),
+    ("number", "3 + 4 = 7.0", "7", 1.0),
+    ("number", r"\boxed{-2.5}", "-2.5", 1.0),
+    ("number", "8", "7", 0.0),
+    ("number", THINK + "no idea", "7", 0.0),
+    ("number", "no idea", "unknown", 0.0),                                       # no number on either side
+    ("choice", THINK + "(B)", "B", 1.0),
+    ("choice", "B. a cat", "B", 1.0),
+    ("choice", "Answer: B", "(B)", 1.0),
+    ("choice", r"\boxed{B}", "B", 1.0),
+    ("choice", "C", "B", 0.0),
+    ("choice", "A cat sits there", "A", 0.0),                                    # not a choice letter
+    ("box_iou", THINK + "```json\n[" + BOX + "]\n```", [100, 200, 300, 400], 1.0),
+    ("box_iou", "[100, 200, 300, 400]", BOX, 1.0),
+    ("box_iou", "[100, 200, 200, 300]", BOX, 0.25),
+    ("box_iou", "[400, 500, 600, 700]", BOX, 0.0),
+    ("box_iou", "[300, 200, 100, 400]", BOX, 0.0),                               # x1 > x2
+    ("box_iou", "[100, 200, 300]", BOX, 0.0),
+    ("point", '{"point_2d": [150, 250]}', BOX, 1.0),
+    ("point", "[300, 400]", [100, 200, 300, 400], 1.0),                         # on the corner
+    ("point", "[301, 400]", [100, 200, 300, 400], 0.0),
+    ("point", "the cup", BOX, 0.0),
+    ("temporal_iou", "<1.0 seconds> to <3.5 seconds>", "from 1.0 to 3.5 seconds", 1.0),
+    ("temporal_iou", THINK + "From 2 to 4.5 s.", "<1.0 seconds> to <3.5 seconds>", 1.5 / 3.5),
+    ("temporal_iou", "1.0-3.5 seconds", "<5.0 seconds> to <6.0 seconds>", 0.0),
+    ("temporal_iou", "at <2.0 seconds>", "<1.0 seconds> to <3.5 seconds>", 0.0),   # a time, not a span
+    ("temporal_iou", "from 3.5 to 1.0 seconds", "<1.0 seconds> to <3.5 seconds>", 0.0),
+    ("format", THINK + "42", None, 1.0),
+    ("format", "<think></think>42", None, 1.0),
+    ("format", "42", None, 0.0),
+    ("format", THINK, None, 0.0),                                                # no answer
+    ("format", "42 " + THINK + "42", None, 0.0),                                 # answer first
+    ("format", THINK + THINK + "42", None, 0.0),
+    ("format", "<think>a <think> b</think>42", None, 0.0),
+]
+
+
+@pytest.mark.parametrize("name, reply, answer, expected", REWARD_CASES)
+def test_rewards(name, reply, answer, expected):
+    """Each registered reward on right, wrong and malformed replies."""
+    assert REWARDS[name](reply, answer) == pytest.approx(expected)
+
+
+def test_every_reward_is_tested():
+    assert {case[0] for case in REWARD_CASES} == set(REWARDS)
+
+
+def test_box_iou_values():
+    """§6 Rewards 2: a box inside one twice its size per side gives 0.25; IoU is the same in pixels and in the
+    [0, 1000] frame (both boxes scaled alike)."""
+    big, small = [0, 0, 400, 400], [100, 100, 300, 300]
+    assert REWARDS["box_iou"](str(small), big) == 0.25
+    a, b = [120, 80, 610, 500], [300, 250, 800, 900]
+    pixels = lambda box: [v * s for v, s in zip(box, [1.28, 0.72, 1.28, 0.72])]
+    assert REWARDS["box_iou"](str(a), b) == pytest.approx(REWARDS["box_iou"](str(pixels(a)), pixels(b)))
+    assert 0 < REWARDS["box_iou"](str(a), b) < 1
+
+
+def test_safe_reward():
+    """A raising, NaN, None or out-of-range reward scores 0 and is counted; a valid score passes through."""
+    def broken(reply, answer):
+        raise KeyError(reply)
+
+    reward_failures.clear()
+    assert safe_reward(broken, "x", "y") == 0.0
+    assert safe_reward(lambda r, a: float("nan"), "x", "y") == 0.0
+    assert safe_reward(lambda r, a: 1.5, "x", "y") == 0.0
+    assert safe_reward(lambda r, a: -0.1, "x", "y") == 0.0
+    assert safe_reward(lambda r, a: None, "x", "y") == 0.0
+    assert safe_reward(lambda r, a: 0.7, "x", "y") == 0.7
+    assert safe_reward(format_reward, THINK + "1", None) == 1.0
+    assert reward_failures == {"broken: raised": 1, "<lambda>: nan": 1, "<lambda>: out of range": 2,
+                               "<lambda>: raised": 1}
