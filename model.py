@@ -9,9 +9,12 @@ Notable features
 - DeepStack (§2.2): features of intermediate ViT blocks are added to the hidden states at visual positions
   after each of the first LLM layers.
 - Configs for every released size (`Qwen3VLConfig.from_preset`) plus toy sizes; Hugging Face `config.json` +
-  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`).
+  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`). A config is validated when
+  it is made (sizes bounded, heads and RoPE sections that fit, special ids in the vocabulary); a checkpoint reads
+  only the files inside its directory and only float tensors.
 
 Forward pass flow (Qwen3VL.forward)
+    check_inputs: shapes always; on a prompt ids in range, grids against pixel rows and placeholders, finite pixels
     input_ids ──embed_tokens──> x [B, S, H]
     pixel_values ──VisionEncoder──> tokens [N/4, H], deepstack [3 x [N/4, H]]
         tokens scattered into x at placeholder positions; deepstack scattered into zero tensors [B, S, H]

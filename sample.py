@@ -33,6 +33,7 @@ Command line (streams the answer; --ground draws the boxes/points of a grounding
     python sample.py --init_from path/to/Qwen3-VL-2B-Instruct --image a.png --prompt "Describe this image."
     python sample.py --init_from out/ckpt --video v.mp4 --prompt "What happens?" --temperature 0
     python sample.py --init_from ... --image a.png --prompt 'Locate every cup, output bbox_2d in JSON.' --ground
+Its numbers, files and device are checked before the model is loaded; a mistake prints one line, not a traceback.
 """
 import argparse
 import functools
