@@ -9,9 +9,12 @@ Notable features
 - DeepStack (§2.2): features of intermediate ViT blocks are added to the hidden states at visual positions
   after each of the first LLM layers.
 - Configs for every released size (`Qwen3VLConfig.from_preset`) plus toy sizes; Hugging Face `config.json` +
-  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`).
+  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`). A config is validated when
+  it is made (sizes bounded, heads and RoPE sections that fit, special ids in the vocabulary); a checkpoint reads
+  only the files inside its directory and only float tensors.
 
 Forward pass flow (Qwen3VL.forward)
+    check_inputs: shapes always; on a prompt ids in range, grids against pixel rows and placeholders, finite pixels
     input_ids ──embed_tokens──> x [B, S, H]
     pixel_values ──VisionEncoder──> tokens [N/4, H], deepstack [3 x [N/4, H]]
         tokens scattered into x at placeholder positions; deepstack scattered into zero tensors [B, S, H]
@@ -25,6 +28,7 @@ import json
 import math
 import os
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -33,12 +37,31 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import flex
+from checks import check_number
 from moe import SparseMoeBlock, is_moe_layer, load_balancing_loss
 from rope import apply_rotary, mrope_cos_sin, rope_index
 from vision import VisionEncoder
 
 # ----------------------------------------------------------------------------------------------------------
 # Config (reference §1)
+
+# Every size field: (smallest, largest) allowed. The largest are far above every released model (vocab 151,936,
+# width 8,192, 94 layers, 128 experts, 262,144 positions), so that a corrupt or hostile config.json is refused
+# here, with the limit named, rather than when the model is allocated.
+TEXT_LIMITS = dict(vocab_size=(1, 2**22), hidden_size=(1, 2**16), intermediate_size=(1, 2**18),
+                   num_hidden_layers=(1, 1024), num_attention_heads=(1, 1024), num_key_value_heads=(1, 1024),
+                   head_dim=(1, 1024), max_position_embeddings=(1, 2**24), num_experts=(0, 4096),
+                   moe_intermediate_size=(1, 2**18), decoder_sparse_step=(1, 1024))
+VISION_LIMITS = dict(depth=(1, 1024), hidden_size=(1, 2**16), intermediate_size=(1, 2**18), num_heads=(1, 1024),
+                     patch_size=(1, 256), temporal_patch_size=(1, 64), spatial_merge_size=(1, 64),
+                     in_channels=(1, 64), num_position_embeddings=(1, 2**20), out_hidden_size=(1, 2**16))
+
+
+def _check_layer_list(name, layers, n, n_name):
+    """A list of distinct layer indexes, each in [0, n)."""
+    if not (isinstance(layers, (list, tuple)) and len(set(layers)) == len(layers)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in layers)):
+        raise ValueError(f"{name}={layers!r}: must be a list of distinct layer indexes in [0, {n_name}={n})")
 
 
 @dataclass
@@ -54,6 +77,23 @@ class VisionConfig:
     num_position_embeddings: int = 2304           # a 48 x 48 learned grid
     out_hidden_size: int = 4096                   # = the LLM width
     deepstack_visual_indexes: list = field(default_factory=lambda: [8, 16, 24])
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raises TypeError / ValueError '<field>=<value>: <what is allowed>' for a ViT that cannot be built."""
+        for name, (low, high) in VISION_LIMITS.items():
+            check_number(f"vision.{name}", getattr(self, name), low, high, integer=True)
+        head_dim, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head_dim % 4:              # 2-D RoPE: a quarter of a head's dims turns with rows, one with columns
+            raise ValueError(f"vision.num_heads={self.num_heads}: must divide vision.hidden_size={self.hidden_size} "
+                             "into heads whose size is a multiple of 4")
+        side = math.isqrt(self.num_position_embeddings)
+        if side * side != self.num_position_embeddings:
+            raise ValueError(f"vision.num_position_embeddings={self.num_position_embeddings}: must be a square "
+                             "(the learned table is a G x G grid)")
+        _check_layer_list("vision.deepstack_visual_indexes", self.deepstack_visual_indexes, self.depth, "vision.depth")
 
 
 @dataclass
@@ -78,6 +118,32 @@ class TextConfig:
     mlp_only_layers: list = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raises TypeError / ValueError '<field>=<value>: <what is allowed>' for a decoder that cannot be built."""
+        for name, (low, high) in TEXT_LIMITS.items():
+            check_number(f"text.{name}", getattr(self, name), low, high, integer=True)
+        check_number("text.rms_norm_eps", self.rms_norm_eps, 0, 1, low_open=True)
+        check_number("text.rope_theta", self.rope_theta, 0, low_open=True)
+        check_number("text.router_aux_loss_coef", self.router_aux_loss_coef, 0)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"text.num_key_value_heads={self.num_key_value_heads}: must divide "
+                             f"text.num_attention_heads={self.num_attention_heads} (each kv head serves a group)")
+        section = self.mrope_section
+        if not (isinstance(section, (list, tuple)) and len(section) == 3
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in section)
+                and 2 * sum(section) == self.head_dim):
+            raise ValueError(f"text.mrope_section={section!r}: must be 3 integers >= 0 (t, h, w) summing to "
+                             f"text.head_dim / 2 = {self.head_dim / 2:g}")
+        if not isinstance(self.mrope_interleaved, bool):
+            raise TypeError(f"text.mrope_interleaved={self.mrope_interleaved!r}: must be True or False")
+        if self.num_experts > 0:
+            check_number("text.num_experts_per_tok", self.num_experts_per_tok, 1, self.num_experts, integer=True)
+        _check_layer_list("text.mlp_only_layers", self.mlp_only_layers, self.num_hidden_layers,
+                          "text.num_hidden_layers")
+
 
 @dataclass
 class Qwen3VLConfig:
@@ -89,16 +155,44 @@ class Qwen3VLConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Checks the parts (TextConfig / VisionConfig.validate) and how they fit together; raises TypeError /
+        ValueError '<field>=<value>: <what is allowed>'. Runs on construction and again when a model is built."""
+        for name, cls in (("text", TextConfig), ("vision", VisionConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name}={getattr(self, name)!r}: must be a {cls.__name__}")
+        self.text.validate()
+        self.vision.validate()
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"vision.out_hidden_size={self.vision.out_hidden_size}: must equal "
+                             f"text.hidden_size={self.text.hidden_size} (visual tokens enter the LLM)")
+        if len(self.vision.deepstack_visual_indexes) > self.text.num_hidden_layers:
+            raise ValueError(f"vision.deepstack_visual_indexes={self.vision.deepstack_visual_indexes}: at most "
+                             f"text.num_hidden_layers={self.text.num_hidden_layers} levels (one per LLM layer)")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise TypeError(f"tie_word_embeddings={self.tie_word_embeddings!r}: must be True or False")
+        ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        for name in ids:
+            check_number(name, getattr(self, name), 0, self.text.vocab_size - 1, integer=True)
+        if len({getattr(self, name) for name in ids}) < len(ids):
+            raise ValueError(f"{', '.join(f'{n}={getattr(self, n)}' for n in ids)}: must be four different ids")
+
     @classmethod
     def from_preset(cls, name, **overrides):
         """A released size ('qwen3-vl-2b', ...) or a toy size ('toy-cpu', 'toy-gpu'); overrides as
-        `text={...}`, `vision={...}` or top-level fields."""
+        `text={...}`, `vision={...}` or top-level fields. A toy size's special-token ids are those of a tokenizer
+        trained here with text.vocab_size ids (trained_tokenizer_ids) unless overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         p = PRESETS[name]
         text = {**p.get("text", {}), **overrides.pop("text", {})}
         vision = {**p.get("vision", {}), **overrides.pop("vision", {})}
         top = {k: v for k, v in p.items() if k not in ("text", "vision")}
+        if name.startswith("toy-"):
+            top.update(trained_tokenizer_ids(text["vocab_size"]))
         return cls(text=_build(TextConfig, text, "text"), vision=_build(VisionConfig, vision, "vision"),
                    **{**top, **overrides})
 
@@ -106,20 +200,30 @@ class Qwen3VLConfig:
 
     @classmethod
     def from_hf_dict(cls, d):
+        """The config of a Hugging Face config.json (parsed). Raises ValueError / TypeError naming the field for
+        anything this implementation cannot run (validate)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"config.json must hold a JSON object, got {type(d).__name__}")
         d = dict(d)
         model_type = d.pop("model_type", None)
         if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
             raise ValueError(f"config.json has model_type={model_type!r}; expected 'qwen3_vl' or 'qwen3_vl_moe'")
-        text, vision = dict(d.pop("text_config", {})), dict(d.pop("vision_config", {}))
+        text, vision = d.pop("text_config", {}), d.pop("vision_config", {})
+        for name, section in (("text_config", text), ("vision_config", vision)):
+            if not isinstance(section, dict):
+                raise TypeError(f"config.json: {name}={section!r}: must be a JSON object")
+        text, vision = dict(text), dict(vision)
         # RoPE: v4 keeps rope_theta + rope_scaling, v5 folds both into rope_parameters
         rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None) or {}
         text.pop("rope_scaling", None)
+        if not isinstance(rope, dict):
+            raise TypeError(f"config.json: text_config.rope_scaling={rope!r}: must be a JSON object")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope type {rope['rope_type']!r} is not supported (only 'default')")
         if "rope_theta" in rope:
             text["rope_theta"] = rope["rope_theta"]
         if "mrope_section" in rope:
-            text["mrope_section"] = list(rope["mrope_section"])
+            text["mrope_section"] = rope["mrope_section"]
         text["mrope_interleaved"] = rope.get("mrope_interleaved", True)
         for key, want in (("hidden_act", "silu"), ("attention_bias", False)):
             if text.pop(key, want) != want:
@@ -128,7 +232,7 @@ class Qwen3VLConfig:
             raise ValueError("vision_config.hidden_act must be 'gelu_pytorch_tanh'")
         text.pop("norm_topk_prob", None)   # the reference always renormalises the top-k weights (reference §7.12)
         text.pop("output_router_logits", None)     # the reference's run-time switch of the aux loss: forward(aux_loss=)
-        if model_type == "qwen3_vl" and text.get("num_experts", 0) > 0:
+        if model_type == "qwen3_vl" and text.get("num_experts", 0) != 0:
             raise ValueError("config.json: model_type 'qwen3_vl' is dense, but text_config.num_experts > 0 "
                              "(an MoE checkpoint has model_type 'qwen3_vl_moe')")
         if model_type == "qwen3_vl_moe" and "num_experts" not in text:
@@ -181,6 +285,17 @@ def _checked(cls, d, where, skip=()):
 
 def _build(cls, d, where):
     return cls(**_checked(cls, d, where))
+
+
+def trained_tokenizer_ids(vocab_size):
+    """The special-token ids of a tokenizer trained here (Tokenizer.train) with exactly `vocab_size` ids: its special
+    tokens are the last ids, in tokenizer.SPECIAL_TOKENS order."""
+    from tokenizer import SPECIAL_TOKENS
+    first = vocab_size - len(SPECIAL_TOKENS)
+    return dict(image_token_id=first + SPECIAL_TOKENS.index("<|image_pad|>"),
+                video_token_id=first + SPECIAL_TOKENS.index("<|video_pad|>"),
+                vision_start_token_id=first + SPECIAL_TOKENS.index("<|vision_start|>"),
+                vision_end_token_id=first + SPECIAL_TOKENS.index("<|vision_end|>"))
 
 
 _VIT_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
@@ -425,16 +540,26 @@ def _chunk_cross_entropy(hidden, weight, targets, weights, ignore_index):
 # ----------------------------------------------------------------------------------------------------------
 # The vision-language model
 
+INDEX_DTYPES = (torch.int64, torch.int32)            # what nn.Embedding and the index ops take
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_tensor(name, t, shape, allowed, dtypes):
+    """TypeError unless `t` is a tensor of one of `dtypes` (None: any); ValueError '<name> of shape [..]: must be
+    <allowed>' unless its shape matches `shape` (None: any shape; a None size: any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}={type(t).__name__}: must be a torch.Tensor")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} of dtype {t.dtype}: must be one of {', '.join(map(str, dtypes))}")
+    if shape is not None and (t.dim() != len(shape) or any(n is not None and n != size
+                                                          for n, size in zip(shape, t.shape))):
+        raise ValueError(f"{name} of shape {list(t.shape)}: must be {allowed}")
+
 
 class Qwen3VL(nn.Module):
     def __init__(self, cfg: Qwen3VLConfig):
         super().__init__()
-        if sum(cfg.text.mrope_section) * 2 != cfg.text.head_dim:
-            raise ValueError(f"mrope_section {cfg.text.mrope_section} must sum to head_dim/2 = {cfg.text.head_dim // 2}")
-        if cfg.vision.out_hidden_size != cfg.text.hidden_size:
-            raise ValueError("vision.out_hidden_size must equal text.hidden_size")
-        if len(cfg.vision.deepstack_visual_indexes) > cfg.text.num_hidden_layers:
-            raise ValueError("more DeepStack levels than LLM layers")
+        cfg.validate()                                    # again: the fields may have been changed since construction
         self.cfg = cfg
         # attention of the decoder: "sdpa" (a dense [B, 1, S, K] mask when one is needed), "flex" (FlexAttention with a
         # block mask: packed rows without the O(S^2) mask, no KV cache) or "auto": flex on CUDA for packed rows
@@ -512,6 +637,122 @@ class Qwen3VL(nn.Module):
                           image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
                           spatial_merge_size=self.cfg.vision.spatial_merge_size)
 
+    def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                     pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
+                     document_ids=None, loss_weights=None, check_values=True, check_finite=True):
+        """
+        The one check of forward's inputs, made before any work: TypeError for what is not a tensor of the right
+        kind, ValueError '<argument> ...: <what is allowed>' for the rest.
+        Shapes, dtypes and devices, on every call (metadata only: a decode step captured in a CUDA graph runs them
+        at trace time and they never read the device): input_ids [B, S] int64/int32 with B, S >= 1 and, on a
+        prompt, S within the context; attention_mask [B, S] (with a kv_cache [B, S .. max_len]); labels,
+        document_ids [B, S] (document_ids not with a cache); loss_weights [B, S] float, with labels; position_ids [3, B, S] or [B, S]; pixel rows
+        [N, in_channels * temporal_patch_size * patch_size^2] float, each with its grid [n, 3] integer; a KVCache of
+        batch B.
+        Values, with check_values and on a prompt (not on the decode steps that follow it), read back to the host
+        once: ids in [0, vocab_size); labels in [0, vocab_size) or -100; each grid's t, h, w >= 1 with h and w
+        multiples of spatial_merge_size and sum(t*h*w) = the pixel rows; the placeholder tokens of a modality
+        = its merged features, in sum(t) blocks (no pixels: no placeholders); with check_finite, every pixel finite
+        (one isfinite pass: a NaN pixel would turn every logit of its row into NaN).
+        """
+        cfg, v = self.cfg.text, self.cfg.vision
+        _check_tensor("input_ids", input_ids, (None, None), "[B, S]", INDEX_DTYPES)
+        B, S = input_ids.shape
+        if B == 0 or S == 0:
+            raise ValueError(f"input_ids of shape {list(input_ids.shape)}: must hold at least one row of one token")
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache={type(kv_cache).__name__}: must be a KVCache or None")
+        prompt = kv_cache is None or kv_cache.rope_deltas is None     # the first call on a cache holds the prompt
+        context = min(cfg.max_position_embeddings, kv_cache.max_len if kv_cache is not None else math.inf)
+        if prompt and S > context:      # a decode step's position is on the device: its caller sizes the cache
+            raise ValueError(f"sequence of {S} tokens is longer than the context ({context})")
+        if kv_cache is not None and kv_cache.k[0].shape[0] != B:
+            raise ValueError(f"kv_cache of batch size {kv_cache.k[0].shape[0]}: must be that of input_ids ({B})")
+        if attention_mask is not None:
+            K = kv_cache.max_len if kv_cache is not None else S
+            _check_tensor("attention_mask", attention_mask, (B, None), f"[B, S] = [{B}, {S}]", None)
+            if not S <= attention_mask.shape[1] <= K:
+                cache = f" or up to [{B}, {K}] (the cache)" if K > S else ""
+                raise ValueError(f"attention_mask of shape {list(attention_mask.shape)}: must be [{B}, {S}] "
+                                 f"(as input_ids){cache}")
+        if labels is not None:
+            _check_tensor("labels", labels, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", INDEX_DTYPES)
+        if loss_weights is not None:
+            _check_tensor("loss_weights", loss_weights, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", FLOAT_DTYPES)
+            if labels is None:
+                raise ValueError("loss_weights without labels: they weigh the labels' loss terms")
+        if document_ids is not None:
+            _check_tensor("document_ids", document_ids, (B, S), f"[B, S] = [{B}, {S}] (as input_ids)", INDEX_DTYPES)
+            if kv_cache is not None:
+                raise ValueError("document_ids (packed training rows) cannot be used with a kv_cache")
+        if position_ids is not None:
+            _check_tensor("position_ids", position_ids, None, "", INDEX_DTYPES)
+            if position_ids.shape not in ((3, B, S), (B, S)):
+                raise ValueError(f"position_ids of shape {list(position_ids.shape)}: must be [3, {B}, {S}] (t, h, w) "
+                                 f"or [{B}, {S}]")
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        modalities = []                                 # (name, pixels' argument name, pixels, grid, placeholder id)
+        for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                             ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
+            pixels_name = "pixel_values" if name == "image" else "pixel_values_videos"
+            if (pixels is None) != (grid is None):
+                given = pixels_name if grid is None else f"{name}_grid_thw"
+                raise ValueError(f"{given} without {f'{name}_grid_thw' if grid is None else pixels_name}: "
+                                 "give both or neither")
+            if pixels is not None:
+                _check_tensor(pixels_name, pixels, (None, patch_dim), f"[N, {patch_dim}] (patch rows)", FLOAT_DTYPES)
+                _check_tensor(f"{name}_grid_thw", grid, (None, 3), "[n, 3] (t, h, w per image or video)",
+                              INDEX_DTYPES)
+                if pixels.device != input_ids.device or grid.device != input_ids.device:
+                    raise ValueError(f"{pixels_name} on {pixels.device}, {name}_grid_thw on {grid.device}: must be "
+                                     f"on the device of input_ids ({input_ids.device})")
+            modalities.append((name, pixels_name, pixels, grid, token_id))
+        if not (check_values and prompt):
+            return
+
+        # one read-back for the ids, labels, placeholders and pixels (the grids, a few numbers, come with their own)
+        stats = {"min id": input_ids.min(), "max id": input_ids.max()}
+        if labels is not None:
+            stats.update({"min label": labels.masked_fill(labels == -100, 0).min(), "max label": labels.max()})
+        for name, pixels_name, pixels, grid, token_id in modalities:
+            placeholder = input_ids == token_id                                                # [B, S]
+            block_start = placeholder & ~F.pad(placeholder, (1, 0))[:, :-1]                   # first of a run
+            stats.update({f"{name} slots": placeholder.sum(), f"{name} blocks": block_start.sum()})
+            if pixels is not None and check_finite:
+                stats[f"{name} finite"] = torch.isfinite(pixels).all()
+        stats = dict(zip(stats, torch.stack([s.long() for s in stats.values()]).tolist()))
+
+        if stats["min id"] < 0 or stats["max id"] >= cfg.vocab_size:
+            raise ValueError(f"input_ids holds ids from {stats['min id']} to {stats['max id']}: each must be in "
+                             f"[0, {cfg.vocab_size - 1}] (text.vocab_size={cfg.vocab_size})")
+        if labels is not None and (stats["min label"] < 0 or stats["max label"] >= cfg.vocab_size):
+            raise ValueError(f"labels holds values from {stats['min label']} to {stats['max label']} (besides -100):"
+                             f" each must be -100 (ignored) or in [0, {cfg.vocab_size - 1}]")
+        m = v.spatial_merge_size
+        for name, pixels_name, pixels, grid, token_id in modalities:
+            rows = [] if grid is None else grid.tolist()
+            if any(t < 1 or h < 1 or w < 1 or h % m or w % m for t, h, w in rows):
+                raise ValueError(f"{name}_grid_thw={rows}: each (t, h, w) must be >= 1 with h and w multiples of "
+                                 f"vision.spatial_merge_size={m}")
+            n_rows = sum(t * h * w for t, h, w in rows)
+            if pixels is not None and n_rows != pixels.shape[0]:
+                raise ValueError(f"{name}_grid_thw={rows}: sum(t*h*w) = {n_rows} must equal the rows of "
+                                 f"{pixels_name} ({pixels.shape[0]})")
+            slots, runs = stats[f"{name} slots"], stats[f"{name} blocks"]
+            if pixels is None and slots:
+                raise ValueError(f"{name} placeholder tokens ({slots}) in input_ids: need {pixels_name} and "
+                                 f"{name}_grid_thw")
+            n_features, n_groups = n_rows // m ** 2, sum(t for t, _, _ in rows)
+            if slots != n_features:
+                raise ValueError(f"{name} placeholder tokens ({slots}) do not match the {name} features "
+                                 f"({n_features} from grids {rows})")
+            if runs != n_groups:
+                raise ValueError(f"{name} placeholder tokens come in {runs} runs: must be one run per {name} frame "
+                                 f"group ({n_groups} from grids {rows})")
+            if pixels is not None and check_finite and not stats[f"{name} finite"]:
+                raise ValueError(f"{pixels_name} holds NaN or infinite values: must be finite (check_finite=False "
+                                 "skips this check)")
+
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
               run_vision=False):
         """
@@ -520,15 +761,13 @@ class Qwen3VL(nn.Module):
         Images and video frame groups go through the ViT together, packed in one sequence (attention stays inside
         each frame group). run_vision=True runs the ViT on a blank 2x2-patch image when there are no pixels and adds
         its output times zero: under FSDP every rank must run the same modules at every step (train.py).
+        The inputs are those forward has checked (check_inputs): as many placeholders as features.
         """
         x = self.language_model.embed_tokens(input_ids)                                  # [B, S, H]
-        parts = []                                          # (name, pixels, grid, placeholder id) of each modality
-        for name, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
-                                             ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
-            if pixels is not None:
-                if grid is None:
-                    raise ValueError(f"{name} pixels were given without their {name}_grid_thw")
-                parts.append((name, pixels, grid, token_id))
+        parts = [(pixels, grid, token_id)                   # the pixels, grid and placeholder id of each modality
+                 for pixels, grid, token_id in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                                (pixel_values_videos, video_grid_thw, self.cfg.video_token_id))
+                 if pixels is not None]
         if not parts:
             if not run_vision:
                 return x, None
@@ -537,17 +776,13 @@ class Qwen3VL(nn.Module):
             feats, ds = self.visual(blank, torch.tensor([[1, v.spatial_merge_size, v.spatial_merge_size]], device=x.device))
             return x + 0 * (feats.sum() + sum(d.sum() for d in ds)), None
 
-        feats, ds = self.visual(torch.cat([p for _, p, _, _ in parts]),
-                                torch.cat([g for _, _, g, _ in parts]))                  # [n_tok, H], L x [n_tok, H]
+        feats, ds = self.visual(torch.cat([p for p, _, _ in parts]),
+                                torch.cat([g for _, g, _ in parts]))                      # [n_tok, H], L x [n_tok, H]
         deepstack = [torch.zeros_like(x) for _ in ds]                                     # [B, S, H] each
         start = 0
-        for name, pixels, grid, token_id in parts:
+        for pixels, grid, token_id in parts:
             n = pixels.shape[0] // self.cfg.vision.spatial_merge_size ** 2               # merged tokens of this modality
             mask = (input_ids == token_id)[..., None]                                     # [B, S, 1]
-            n_slots = int(mask.sum())
-            if n_slots != n:
-                raise ValueError(f"{name} placeholder tokens ({n_slots}) do not match the {name} features "
-                                 f"({n} from grids {grid.tolist()})")
             x = x.masked_scatter(mask, feats[start:start + n].to(x.dtype))
             deepstack = [z.masked_scatter(mask, d[start:start + n].to(x.dtype)) for z, d in zip(deepstack, ds)]
             start += n
@@ -556,7 +791,7 @@ class Qwen3VL(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
                 aux_loss=False, document_ids=None, run_vision=False, return_hidden=False, loss_weights=None,
-                loss_reduction="mean"):
+                loss_reduction="mean", check_finite=True):
         """
         input_ids [B, S]; attention_mask [B, S], 1 = real token, left padding (with a kv_cache: [B, past + S] or
         [B, max_len]); pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
@@ -573,16 +808,17 @@ class Qwen3VL(nn.Module):
         Returns logits [B, S, V] (return_hidden=True: the final normed hidden states [B, S, H] instead, what the head
         reads, so that no logits are made) and the loss (None without labels).
         attn_impl (self.attn_impl): see __init__; document_ids with "flex" give a block mask instead of [B, 1, S, S].
+        The inputs are checked first (check_inputs: TypeError / ValueError): their shapes on every call, their values
+        (ids in range, grids against pixels, finite pixels unless check_finite=False) unless decoding from a cache.
         After the call, `self.router_logits` holds the router logits [B*S, E] of every sparse layer (an empty tuple
         for a dense model), still in the autograd graph: a loss computed outside can add
         moe.load_balancing_loss(model.router_logits, k, mask), and moe.tokens_per_expert(...) gives the load per layer.
         """
+        self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                          labels, position_ids, kv_cache, document_ids, loss_weights, check_finite=check_finite)
+        prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
         B, S = input_ids.shape
         cfg = self.cfg.text
-        prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
-        context = min(cfg.max_position_embeddings, kv_cache.max_len if kv_cache is not None else math.inf)
-        if prefill and S > context:     # a decode step's position is on the device: its caller sizes the cache
-            raise ValueError(f"sequence of {S} tokens is longer than the context ({context})")
         x, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, run_vision)
         # slots of these tokens in the sequence (and the cache), and how many keys they attend over: the whole
         # preallocated cache, so that every decode step has the same shapes
@@ -653,10 +889,15 @@ class Qwen3VL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
-        """Build on the meta device, then load every tensor from the safetensors files (never pickle)."""
+        """Build on the meta device, then load every tensor from the safetensors files (never pickle). Every
+        parameter gets one dtype: `dtype`, or (None) the dtype most of the checkpoint's tensors are stored in, so
+        that a tensor stored in another one cannot meet the others in a matmul. Errors: read_hf_config and
+        checkpoint_tensors."""
         with torch.device("meta"):
             model = cls(read_hf_config(path))
         sd = dict(model.checkpoint_tensors(path))
+        if dtype is None:
+            dtype = Counter(t.dtype for t in sd.values()).most_common(1)[0][0]
         if model.cfg.tie_word_embeddings:
             sd["lm_head.weight"] = sd["language_model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
@@ -692,7 +933,9 @@ class Qwen3VL(nn.Module):
         """
         Yield (our parameter name, tensor) from a Hugging Face checkpoint directory one tensor at a time, after
         checking every name and shape against this model: missing, unexpected or mis-shaped tensors are an error
-        naming them. With tied embeddings `lm_head.weight` is not yielded (the checkpoint may or may not store it).
+        naming them, and so is a tensor stored twice or in a dtype other than a float one (F16, BF16, F32, F64;
+        quantized or integer tensors are refused before any is read). Tensors come in their stored dtype.
+        With tied embeddings `lm_head.weight` is not yielded (the checkpoint may or may not store it).
         A sharded trainer places each tensor and drops it, never holding the whole model (train.py).
         """
         from contextlib import ExitStack
@@ -705,15 +948,20 @@ class Qwen3VL(nn.Module):
             for file in checkpoint_files(path):
                 try:
                     f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                    keys = {k: f.get_slice(k).get_shape() for k in f.keys()}
+                    keys = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
                 except Exception as e:
                     raise ValueError(f"cannot read safetensors file {file!r}: {e}") from e
-                for key, shape in keys.items():
+                for key, (shape, dtype) in keys.items():
                     name = _hf_to_ours(key)
                     if name not in ours:
                         if not (key == "lm_head.weight" and self.cfg.tie_word_embeddings):
                             unexpected.append(key)
                         continue
+                    if name in where:
+                        raise ValueError(f"checkpoint tensor {key!r} is stored twice (again in {file!r})")
+                    if dtype not in ("F16", "BF16", "F32", "F64"):
+                        raise ValueError(f"checkpoint tensor {key!r} has dtype {dtype}: only float tensors (F16, BF16, "
+                                         "F32, F64) are loaded")
                     if name == PATCH_EMBED:                  # Conv3d [D, 3, 2, 16, 16] -> Linear [D, 1536]
                         shape = [shape[0], math.prod(shape[1:])]
                     if list(shape) != list(ours[name]):
@@ -741,21 +989,48 @@ class Qwen3VL(nn.Module):
         return hf
 
 
+def read_json(path):
+    """The JSON object in a file; ValueError naming the file if it holds invalid JSON or something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{os.fspath(path)!r} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_hf_config(path):
-    """The Qwen3VLConfig of a Hugging Face checkpoint directory's config.json."""
+    """The Qwen3VLConfig of a Hugging Face checkpoint directory's config.json; FileNotFoundError without one,
+    ValueError / TypeError (naming the directory and the field) for one that this implementation cannot run."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{os.fspath(path)!r} is not a Qwen3-VL checkpoint directory: no config.json")
-    with open(cfg_file) as f:
-        return Qwen3VLConfig.from_hf_dict(json.load(f))
+    hf = read_json(cfg_file)
+    try:
+        return Qwen3VLConfig.from_hf_dict(hf)
+    except (TypeError, ValueError) as e:                  # the same error, saying which checkpoint it is in
+        raise type(e)(f"{os.fspath(path)!r}: {e}") from e
 
 
 def checkpoint_files(path):
-    """The safetensors files of a checkpoint directory: one model.safetensors or the shards of an index."""
+    """
+    The safetensors files of a checkpoint directory: one model.safetensors or the shards of an index. An index
+    may name only plain file names: a shard elsewhere ('../x.safetensors', '/abs/x.safetensors', 'sub/x') is refused
+    (ValueError), so the files read are always those inside the directory. Missing files: FileNotFoundError.
+    """
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index!r}: weight_map must be a non-empty JSON object {{tensor name: shard file}}")
+        names = sorted(set(weight_map.values()), key=str)
+        for name in names:
+            if not (isinstance(name, str) and name.endswith(".safetensors") and os.path.basename(name) == name):
+                raise ValueError(f"{index!r}: shard {name!r}: must be a plain *.safetensors file name inside the "
+                                 "checkpoint directory")
+        files = [os.path.join(path, n) for n in names]
         for file in files:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"checkpoint shard {file!r} listed in the index is missing")

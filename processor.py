@@ -25,6 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from checks import check_number
+
+# The largest pixel budgets a Processor accepts: 4x the released ones (16,777,216 per image = 4096 x 4096, and
+# 25,165,824 per video clip). A bigger budget, as a corrupt preprocessor_config.json may hold, would resize a small
+# image to a huge one and turn it into hundreds of thousands of visual tokens.
+IMAGE_PIXEL_LIMIT = 4 * 16777216
+VIDEO_PIXEL_LIMIT = 4 * 25165824
+
 
 # ---------------------------------------------------------------------------------------------------------- sizes
 def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216):
@@ -74,6 +82,17 @@ def smart_resize_video(num_frames, height, width, temporal_factor=2, factor=32, 
     return h_bar, w_bar
 
 
+# ---------------------------------------------------------------------------------------------------------- files
+def file_name(path):
+    """A path as str; ValueError if the file system cannot encode it (a lone surrogate from a JSON string)."""
+    path = os.fspath(path)
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ValueError(f"{path!r} cannot be a file name: the file system cannot encode it") from None
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------- images
 def to_rgb(image):
     """
@@ -108,7 +127,7 @@ def load_image(image):
         return to_rgb(Image.fromarray(image))
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"an image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
-    path = os.fspath(image)
+    path = file_name(image)
     if path.startswith(("http://", "https://")):
         raise ValueError(f"{path}: URLs are not fetched; download the image and pass its path")
     path = path[len("file://"):] if path.startswith("file://") else path
@@ -170,7 +189,7 @@ def read_video(path, fps=2.0, min_frames=4, max_frames=768):
     Decode a video file with PyAV -> (frames [n, H, W, 3] uint8 at the sampled indices, indices, video fps).
     The frame count comes from the container; if it is missing or too large, the frames are counted by decoding.
     """
-    path = os.fspath(path)
+    path = file_name(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -210,6 +229,8 @@ def frames_to_array(frames):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"a video array must be [T, H, W, 3] uint8, got {frames.dtype} {frames.shape}")
         return frames
+    if not frames:
+        raise ValueError("the video has no frames")
     images = [np.asarray(load_image(f)) for f in frames]
     if len({im.shape for im in images}) > 1:
         raise ValueError(f"all frames of a video must have one size, got {sorted({im.shape for im in images})}")
@@ -225,8 +246,24 @@ class Processor:
                  video_min_pixels=4096, video_max_pixels=25165824,         # videos: frames x H x W, whole clip
                  video_fps=2.0, video_min_frames=4, video_max_frames=768,
                  image_mean=0.5, image_std=0.5):
-        if min_pixels < 1 or max_pixels < min_pixels:
-            raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+        """Every number is checked here (TypeError / ValueError '<argument>=<value>: <what is allowed>'); the pixel
+        budgets are bounded by IMAGE_PIXEL_LIMIT and VIDEO_PIXEL_LIMIT."""
+        for name, value, high in (("patch_size", patch_size, 256), ("temporal_patch_size", temporal_patch_size, 64),
+                                  ("merge_size", merge_size, 64), ("min_pixels", min_pixels, IMAGE_PIXEL_LIMIT),
+                                  ("max_pixels", max_pixels, IMAGE_PIXEL_LIMIT),
+                                  ("video_min_pixels", video_min_pixels, VIDEO_PIXEL_LIMIT),
+                                  ("video_max_pixels", video_max_pixels, VIDEO_PIXEL_LIMIT),
+                                  ("video_min_frames", video_min_frames, 4096),
+                                  ("video_max_frames", video_max_frames, 4096)):
+            check_number(name, value, 1, high, integer=True)
+        for (low, a), (high, b) in ((("min_pixels", min_pixels), ("max_pixels", max_pixels)),
+                                    (("video_min_pixels", video_min_pixels), ("video_max_pixels", video_max_pixels)),
+                                    (("video_min_frames", video_min_frames), ("video_max_frames", video_max_frames))):
+            if a > b:
+                raise ValueError(f"{low}={a}, {high}={b}: need {low} <= {high}")
+        check_number("video_fps", video_fps, 1e-3, 1e3)
+        check_number("image_mean", image_mean)
+        check_number("image_std", image_std, 0, low_open=True)
         self.tok = tok
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.factor = patch_size * merge_size
@@ -260,9 +297,13 @@ class Processor:
                 raise ValueError("'fps' is the frame rate of frames given as an array; a file's own rate is used "
                                  "(set the sampling rate with Processor(video_fps=...))")
             return read_video(video, self.video_fps, self.video_min_frames, self.video_max_frames)
+        if not isinstance(video, (np.ndarray, list, tuple)):
+            raise TypeError(f"a video must be a path, a [T, H, W, 3] uint8 array or a list of frames, got "
+                            f"{type(video).__name__}")
         if fps is None:
             raise ValueError("a video given as frames needs its frame rate: {'type': 'video', 'video': frames, "
                              "'fps': ...} (it sets which frames are kept and the timestamps)")
+        check_number("fps", fps, 1e-3, 1e3)
         frames = frames_to_array(video)
         if len(frames) == 0:
             raise ValueError("the video has no frames")
@@ -294,8 +335,15 @@ class Processor:
           labels [B, S]: the token ids on assistant tokens (Tokenizer.apply_chat_template's mask), -100 elsewhere,
           not shifted (the loss compares logits at s with labels at s+1).
         return_text=True adds "text": each row as rendered text (with the video timestamps), for debugging.
+        Errors: FileNotFoundError for a missing image or video file; TypeError / ValueError, naming the problem,
+        for anything else malformed (chats, messages, images, videos, frame rates).
         """
-        if conversations and isinstance(conversations[0], dict):
+        if not isinstance(conversations, (list, tuple)):
+            raise TypeError(f"conversations={type(conversations).__name__}: must be a list of chats (lists of "
+                            "messages)")
+        if not conversations:
+            raise ValueError("conversations=[]: must hold at least one chat")
+        if isinstance(conversations[0], dict):
             conversations = [conversations]
         tok, m2 = self.tok, self.merge_size ** 2
         images, image_grids, videos, video_grids = [], [], [], []
@@ -306,7 +354,7 @@ class Processor:
                 images.append(rows)
                 image_grids.append(grid)
                 return [tok.vision_start_id] + [tok.image_token_id] * (math.prod(grid) // m2) + [tok.vision_end_id]
-            rows, grid, seconds = self.process_video(item["video"], item.get("fps"))
+            rows, grid, seconds = self.process_video(item.get("video"), item.get("fps"))
             videos.append(rows)
             video_grids.append(grid)
             pieces = []

@@ -33,22 +33,24 @@ Command line (streams the answer; --ground draws the boxes/points of a grounding
     python sample.py --init_from path/to/Qwen3-VL-2B-Instruct --image a.png --prompt "Describe this image."
     python sample.py --init_from out/ckpt --video v.mp4 --prompt "What happens?" --temperature 0
     python sample.py --init_from ... --image a.png --prompt 'Locate every cup, output bbox_2d in JSON.' --ground
+Its numbers, files and device are checked before the model is loaded; a mistake prints one line, not a traceback.
 """
 import argparse
 import functools
-import json
 import os
 import sys
 import time
 
 import torch
 
-from model import KVCache, Qwen3VL
+from checks import check_number
+from model import KVCache, Qwen3VL, read_json
 
 EOS_IDS = (151645, 151643)        # <|im_end|>, <|endoftext|> (Qwen3-VL's generation_config.json)
 PAD_ID = 151643                   # <|endoftext|>: what the processor pads with and finished rows emit
 INSTRUCT = dict(temperature=0.7, top_k=20, top_p=0.8, presence_penalty=1.5, repetition_penalty=1.0)
 CACHE_BLOCK = 256                 # with cuda_graph, cache lengths are rounded up to this: fewer shapes to compile
+GREEDY_BELOW = 1e-5               # a temperature below this is greedy (as in vLLM): logits / it can overflow float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,8 +121,9 @@ def warp(logits, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def choose(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """The next token of each row [B] from logits [B, V] float32: argmax at temperature 0, else a sample."""
-    if temperature == 0:
+    """The next token of each row [B] from logits [B, V] float32: argmax at temperature 0 (below GREEDY_BELOW),
+    else a sample."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = warp(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -130,21 +133,54 @@ def choose(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # Generation
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, presence_penalty, prefix=""):
+    """
+    generate's numbers, also the command line's (prefix '--'): TypeError / ValueError '<argument>=<value>: must be
+    <what is allowed>'. The penalties are bounded so that penalised float32 logits stay finite.
+    """
+    check_number(f"{prefix}max_new_tokens", max_new_tokens, 1, integer=True)
+    check_number(f"{prefix}temperature", temperature, 0)
+    check_number(f"{prefix}top_k", top_k, 0, integer=True)
+    check_number(f"{prefix}top_p", top_p, 0, 1, low_open=True)
+    check_number(f"{prefix}repetition_penalty", repetition_penalty, 1e-3, 1e3)
+    check_number(f"{prefix}presence_penalty", presence_penalty, -1e6, 1e6)
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=64, temperature=1.0, top_k=0,
              top_p=1.0, repetition_penalty=1.0, presence_penalty=0.0, eos_ids=EOS_IDS, pad_id=PAD_ID,
-             generator=None, return_logprobs=False, cuda_graph=False, on_token=None):
+             generator=None, return_logprobs=False, cuda_graph=False, on_token=None, check_finite=True):
     """
     input_ids [B, S] left-padded, attention_mask [B, S] (None: no padding), pixels and grids as for Qwen3VL.forward.
     Sampling as in the module docstring; generator: a torch.Generator on the model's device (None: the global one).
     eos_ids: ids that end a row (kept in its output; pad_id follows). on_token: called with each step's tokens [B].
-    cuda_graph: decode with a compiled step captured in a CUDA graph (CUDA only).
+    cuda_graph: decode with a compiled step captured in a CUDA graph (CUDA only). check_finite: see Qwen3VL.forward.
     Returns tokens [B, max_new_tokens] long; with return_logprobs, (tokens, logprobs [B, max_new_tokens] float32),
     the log-probs of the raw model distribution, 0 after a row's EOS.
+    Every argument is checked before any work (TypeError / ValueError naming it): the numbers (check_sampling);
+    eos_ids in [0, vocab_size), pad_id an int64; the inputs' shapes (Qwen3VL.check_inputs); prompt + max_new_tokens
+    within the context. The prefill then checks the inputs' values (ids in range, grids, finite pixels); the
+    decode steps check nothing that would read the device.
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, presence_penalty)
+    vocab = model.cfg.text.vocab_size
+    if isinstance(eos_ids, (str, bytes)) or not hasattr(eos_ids, "__iter__"):
+        raise TypeError(f"eos_ids={eos_ids!r}: must be a list of token ids")
+    eos_ids = list(eos_ids)
+    for i, eos in enumerate(eos_ids):
+        check_number(f"eos_ids[{i}]", eos, 0, vocab - 1, integer=True)
+    check_number("pad_id", pad_id, -2**63, 2**63 - 1, integer=True)     # any int64: it is only written, never read
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator={generator!r}: must be a torch.Generator or None")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token={on_token!r}: must be callable or None")
+    model.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                       check_values=False)                # shapes now; the prefill checks the values
     B, S = input_ids.shape
     device = input_ids.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator on {generator.device}: must be on the device of input_ids ({device})")
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
     context = model.cfg.text.max_position_embeddings
@@ -161,7 +197,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
 
     logits, _ = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                       image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw, kv_cache=cache)                 # prefill: [B, S, V]
+                      video_grid_thw=video_grid_thw, kv_cache=cache, check_finite=check_finite)  # prefill: [B, S, V]
     logits = logits[:, -1].float()                                                   # [B, V]
     step = functools.partial(decode_step, model, cache, attention_mask=mask)
     if cuda_graph and max_new_tokens > 1:
@@ -170,7 +206,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     if penalize:
         in_prompt = torch.zeros_like(logits).scatter_add_(1, input_ids, attention_mask.float()) > 0   # [B, V]
         in_output = torch.zeros_like(in_prompt)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -202,30 +238,50 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
 def load(path, device="cpu", dtype=None):
     """(model, tokenizer, processor) from a Hugging Face Qwen3-VL directory, a train.py checkpoint or a train.py
     output directory (its latest good checkpoint)."""
+    path, tok, processor = load_processor(path)
+    return load_model(path, device, dtype), tok, processor
+
+
+def load_processor(path):
+    """
+    (checkpoint directory, tokenizer, processor) of what `load` takes, with the image pixel budgets the model was
+    trained with (read_budgets; the Processor bounds them). Reads no weights. FileNotFoundError without the
+    directory; ValueError / TypeError naming the file for bad budgets.
+    """
     from processor import Processor
     from tokenizer import Tokenizer
+    from train import checkpoint_dir
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init_from {path!r}: no such checkpoint directory (expected config.json, "
                                 "safetensors and the tokenizer files)")
-    from train import checkpoint_dir, load_trained
-    checkpoint = checkpoint_dir(path)                  # one of train.py's checkpoints (or its run's folder)
-    if checkpoint:
-        path, model = checkpoint, load_trained(checkpoint, device, dtype).eval()
-    else:
-        model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
+    path = checkpoint_dir(path) or path                # one of train.py's checkpoints (or its run's folder)
     tok = Tokenizer.from_pretrained(path)
-    return model, tok, Processor(tok, **read_budgets(path))
+    budgets = read_budgets(path)
+    try:
+        return path, tok, Processor(tok, **budgets)
+    except (TypeError, ValueError) as e:                  # the same error, saying which file it comes from
+        raise type(e)(f"{os.path.join(path, 'preprocessor_config.json')!r}: {e}") from e
+
+
+def load_model(path, device="cpu", dtype=None):
+    """The model of a checkpoint directory (as load_processor returns it): train.py's or a Hugging Face one."""
+    from train import checkpoint_dir, load_trained
+    if checkpoint_dir(path):
+        return load_trained(path, device, dtype).eval()
+    return Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
 
 
 def read_budgets(path):
     """The image pixel budgets a checkpoint was trained with: ours write min/max_pixels, Hugging Face
-    size.shortest/longest_edge; {} without a preprocessor_config.json."""
+    size.shortest/longest_edge; {} without a preprocessor_config.json. ValueError / TypeError naming the file for
+    one that is not a JSON object with an object `size`."""
     file = os.path.join(path, "preprocessor_config.json")
     if not os.path.isfile(file):
         return {}
-    with open(file) as f:
-        pre = json.load(f)
+    pre = read_json(file)
     size = pre.get("size", {})
+    if not isinstance(size, dict):
+        raise TypeError(f"{file!r}: size={size!r}: must be a JSON object")
     budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
                    max_pixels=pre.get("max_pixels", size.get("longest_edge")))
     return {k: v for k, v in budgets.items() if v is not None}
@@ -248,7 +304,7 @@ class TextStream:
             self.printed = len(text)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a Qwen3-VL checkpoint about images and videos.")
     # model
     p.add_argument("--init_from", required=True, help="Hugging Face Qwen3-VL directory or one of our checkpoints")
@@ -274,19 +330,51 @@ def main(argv=None):
     p.add_argument("--ground", nargs="?", const="", default=None, metavar="PNG",
                    help="draw the answer's bbox_2d / point_2d onto the first image; save as PNG "
                         "(default: <image>_ground.png)")
-    args = p.parse_args(argv)
-    if args.ground is not None and not args.image:
-        p.error("--ground draws onto an image: give --image")
+    return p.parse_args(argv)
 
-    device = torch.device(args.device)
+
+def check_args(args):
+    """
+    The command line's numbers, files and device, before anything is loaded: ValueError / FileNotFoundError naming
+    the flag. Returns the torch.device. (The checkpoint directory is checked by load_processor, which comes next.)
+    """
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                   args.presence_penalty, prefix="--")
+    check_number("--seed", args.seed, 0, 2**64 - 1, integer=True)
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    if args.ground is not None and not args.image:
+        raise ValueError("--ground draws onto an image: give --image")
+    if args.ground and not os.path.isdir(os.path.dirname(os.path.abspath(args.ground))):
+        raise FileNotFoundError(f"--ground {args.ground!r}: no such directory")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: no CUDA device is available (use --device cpu)")
+    if args.compile and device.type != "cuda":
+        raise ValueError("--compile decodes with a CUDA graph: it needs --device cuda")
+    return device
+
+
+def main(argv=None):
+    """The command line. Mistakes in the arguments, files or checkpoint raise FileNotFoundError / ValueError /
+    TypeError, every one that can be seen without the model before the model is loaded; run as a script, each
+    prints as one line."""
+    args = parse_args(argv)
+    device = check_args(args)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tok, processor = load(args.init_from, device, dtype)
-    if args.compile:
-        model.fuse_projections()
+    checkpoint, tok, processor = load_processor(args.init_from)
     content = [{"type": "image", "image": f} for f in args.image] + [{"type": "video", "video": f} for f in args.video]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
-    batch = processor([messages], add_generation_prompt=True)
+    batch = processor([messages], add_generation_prompt=True)        # decodes the images and videos
+    model = load_model(checkpoint, device, dtype)
+    if args.compile:
+        model.fuse_projections()
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and v is not None}
     for k in ("pixel_values", "pixel_values_videos"):
         if k in inputs:
@@ -311,4 +399,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, TypeError) as e:      # a mistake in the arguments or the files
+        raise SystemExit(f"sample.py: error: {e}") from None

@@ -50,6 +50,8 @@ CONTROL_TOKENS = SPECIAL_TOKENS[:14]
 # Added tokens that may appear inside an assistant message's own text (the model emits them): parsed there.
 ASSISTANT_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 
+SURROGATE = re.compile("[\ud800-\udfff]")
+
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "qwen.tiktoken")
 
 # The fixed text that the template writes into the system turn when tools are given.
@@ -87,13 +89,17 @@ def bytes_to_unicode():
 
 
 def read_tiktoken_file(path):
-    """A tiktoken ranks file: one line `base64(token bytes) rank` per token."""
+    """A tiktoken ranks file: one line `base64(token bytes) rank` per token; ValueError naming a line that is not."""
     ranks = {}
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:                     # wrong field count, bad base64 (binascii.Error), bad rank
+                    raise ValueError(f"{os.fspath(path)} line {n}: must be 'base64(token bytes) rank', got "
+                                     f"{line[:60]!r}") from None
     return ranks
 
 
@@ -285,11 +291,11 @@ class Tokenizer:
         """text -> ids. Special-token strings in `text` are ordinary text unless allowed_special=True."""
         if allowed_special:
             return self.encode_pieces([(p, False) for p in self.split_special(text, self.special_re)])[0]
-        return self.enc.encode_ordinary(self._nfc(text))
+        return self.enc.encode_ordinary(self._normalize(text))
 
     def encode_batch(self, texts):
         """Several texts at once (tiktoken uses threads); special-token strings are ordinary text."""
-        return self.enc.encode_ordinary_batch([self._nfc(t) for t in texts])
+        return self.enc.encode_ordinary_batch([self._normalize(t) for t in texts])
 
     def decode(self, ids, skip_special_tokens=False):
         """ids -> text; invalid UTF-8 (a token sequence cut inside a character) becomes U+FFFD. Ids past the vocabulary
@@ -304,7 +310,12 @@ class Tokenizer:
         """One token as text, for debugging (bytes that are not valid UTF-8 alone show as U+FFFD)."""
         return self.id_to_special.get(i) or self.enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
 
-    def _nfc(self, text):
+    def _normalize(self, text):
+        """The text the BPE sees: UTF-16 surrogates (a str from JSON or Windows may hold them) paired into their
+        character and lone ones made U+FFFD, as tiktoken would do inside encode_ordinary; done here so that the
+        assistant mask, which counts UTF-8 bytes, sees the same text. Then NFC if `normalize`."""
+        if SURROGATE.search(text):
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return unicodedata.normalize("NFC", text) if self.normalize else text
 
     def split_special(self, text, pattern):
@@ -335,7 +346,7 @@ class Tokenizer:
                     parts.append((text, train))
             # NFC part by part equals NFC of the whole: the flag only changes after the "assistant\n" header,
             # and NFC never composes a character with a newline.
-            parts = [(self._nfc(text), train) for text, train in parts]
+            parts = [(self._normalize(text), train) for text, train in parts]
             tokens = self.enc.encode_ordinary("".join(text for text, _ in parts))
             ids.extend(tokens)
             if len(parts) == 1:
@@ -379,7 +390,9 @@ class Tokenizer:
 
         Differences from the Jinja template, all on inputs it would silently mis-render: a system message that is
         not first, an image in a system/assistant message, an unknown role or content item raise ValueError
-        (the template drops them); content None is empty text (the template fails).
+        (the template drops them); content None is empty text (the template fails). Messages that are not dicts,
+        content that is not a string / list / None, text that is not a string, malformed tool calls or tools that
+        JSON cannot write raise TypeError. Lone UTF-16 surrogates become U+FFFD in every turn.
         """
         pieces = self.render_chat(messages, add_generation_prompt, add_vision_id, tools, vision)
         if not tokenize:
@@ -389,8 +402,13 @@ class Tokenizer:
 
     def render_chat(self, messages, add_generation_prompt=False, add_vision_id=False, tools=None, vision=None):
         """The chat template: messages -> [(str | special id, trainable)]. Mirrors the Jinja template step by step."""
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages={type(messages).__name__}: must be a list of message dicts")
         if not messages:
             raise ValueError("no messages to render")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise TypeError(f"messages[{i}]={message!r}: must be a dict with 'role' and 'content'")
         out = []
         count = {"image": 0, "video": 0}
 
@@ -408,12 +426,17 @@ class Tokenizer:
                 return []
             if isinstance(content, str):
                 return [("text", content)]
+            if not isinstance(content, (list, tuple)):
+                raise TypeError(f"{role} message content={content!r}: must be a string, a list of items or None")
             items = []
             for item in content:
                 kind = content_kind(item)
                 if kind != "text" and role in ("system", "assistant"):
-                    raise ValueError(f"a {role} message can hold only text, got a {kind} "
+                    article = "an" if role == "assistant" else "a"
+                    raise ValueError(f"{article} {role} message can hold only text, got a {kind} "
                                      "(the Qwen3-VL template would drop it)")
+                if kind == "text" and not isinstance(item["text"], str):
+                    raise TypeError(f"text item {item!r}: 'text' must be a string")
                 items.append((kind, item["text"] if kind == "text" else item))
             return items
 
@@ -430,8 +453,8 @@ class Tokenizer:
                 out.extend((p, False) for p in expanded)
 
         # The system turn: the first message if it is a system message, and the tool list.
-        system = messages[0]["role"] == "system"
-        system_text = "".join(t for _, t in content_items(messages[0]["content"], "system")) if system else ""
+        system = messages[0].get("role") == "system"
+        system_text = "".join(t for _, t in content_items(messages[0].get("content"), "system")) if system else ""
         if tools:
             template("<|im_start|>system\n")
             if system:
@@ -448,7 +471,7 @@ class Tokenizer:
             template("<|im_end|>\n")
 
         for i, message in enumerate(messages):
-            role, content = message["role"], message.get("content")
+            role, content = message.get("role"), message.get("content")
             if role == "system":
                 if i > 0:
                     raise ValueError(f"message {i} is a system message; only the first message may be one "
@@ -462,9 +485,12 @@ class Tokenizer:
                 for _, text in content_items(content, role):
                     answer(text)
                 for j, call in enumerate(message.get("tool_calls") or []):
+                    call = (call.get("function") or call) if isinstance(call, dict) else call
+                    if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call):
+                        raise TypeError(f"message {i} tool_calls[{j}]={call!r}: must be a dict with 'name' (a string) "
+                                        "and 'arguments'")
                     if j > 0 or content:
                         template("\n", train=True)
-                    call = call.get("function") or call
                     args = call["arguments"]
                     template('<tool_call>\n{"name": "', train=True)
                     answer(call["name"])
@@ -474,12 +500,12 @@ class Tokenizer:
                 template("<|im_end|>", train=True)
                 template("\n")
             elif role == "tool":                   # consecutive tool results share one user turn
-                if i == 0 or messages[i - 1]["role"] != "tool":
+                if i == 0 or messages[i - 1].get("role") != "tool":
                     template("<|im_start|>user")
                 template("\n<tool_response>\n")
                 user_content(content, role)
                 template("\n</tool_response>")
-                if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+                if i == len(messages) - 1 or messages[i + 1].get("role") != "tool":
                     template("<|im_end|>\n")
             else:
                 raise ValueError(f"message {i} has role {role!r}; expected system, user, assistant or tool")
@@ -491,7 +517,7 @@ class Tokenizer:
 def content_kind(item):
     """The template's test for a content item: image, video or text (in that order)."""
     if not isinstance(item, dict):
-        raise ValueError(f"content items are dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
+        raise TypeError(f"content items are dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
     if item.get("type") == "image" or "image" in item or "image_url" in item:
         return "image"
     if item.get("type") == "video" or "video" in item:
