@@ -281,9 +281,9 @@ def make_attribute(rng, size, n=None):
     # A colour by its shape: the reply names each object's shape by its colour, up to the one asked for, and
     # answers with the last colour named; the objects in the order of their cells, columns left to right, top to
     # bottom within one. Answered directly, "What color is the square?" with two objects stayed near 0.5 (either
-    # colour) in most runs while "What shape is the red object?" was learned everywhere (README: the toy run):
+    # colour) in most runs while "What shape is the red object?" was learned everywhere (dev/LOG.md):
     # looking up by colour works, so the reply only ever does that. It still has to stop at the asked shape, which
-    # forms in some runs only; the text-only look-ups of make_lookup make it more likely (README: the toy run).
+    # forms in some runs only; the text-only look-ups of make_lookup make it more likely.
     in_cells = sorted(objects, key=lambda o: ((o["x"] + o["d"] // 2) // CELL, (o["y"] + o["d"] // 2) // CELL))
     return dict(kind="color", question=f"What color is the {target['shape']}?", answer=look_up(in_cells, target),
                 scenes=[scene(objects)])
@@ -335,7 +335,7 @@ def make_lookup(rng, size):
     # sentence, then "What color is the square?" with the same object-by-object reply. Without these the reply's
     # stop at the asked shape formed in about half the runs: in a failed run its probability stayed at 0.5 whatever
     # the shapes named and asked, for three shapes of four. Text is cheap, so the stop gets many more examples
-    # (README: the toy run).
+    # (dev/LOG.md).
     n = rng.randint(2, 4)
     objects = [dict(shape=s, color=c) for s, c in zip(rng.sample(SHAPES, n), rng.sample(COLOR_NAMES, n))]
     target = rng.choice(objects)
