@@ -388,7 +388,7 @@ def make_compare(rng, size):
     # Which of two images has more of something: of one shape, of one colour, or of all shapes. The counts differ
     # (1 to 4); the "shape" and "color" scenes may add up to two other objects. Questions that compare one
     # attribute ("Are the shapes in the two images the same color?", "Which image shows a red shape?") stayed at
-    # chance in every toy run, with or without naming each image first (README: the toy run).
+    # chance in every toy run, with or without naming each image first (dev/LOG.md).
     kind, counts = rng.choice(["shape", "color", "all"]), rng.sample(range(1, 5), 2)
     key = rng.choice(SHAPES if kind == "shape" else COLOR_NAMES)  # unused when counting all shapes
     scenes = [scene(counting_scene(rng, size, k, kind, key)) for k in counts]
@@ -436,7 +436,7 @@ def make_video(rng, size):
     frame = target["appear"] if kind == "appear" else target["vanish"]
     verb = "appear" if kind == "appear" else "disappear"
     # The reply first goes through the timestamps the model is shown, saying for each whether the object is
-    # there, and stops at the event (README, the toy run, item 5: answered directly, video stayed at chance).
+    # there, and stops at the event (answered directly, video stayed at chance: dev/LOG.md).
     checks = []
     for slot, stamp in enumerate(video_timestamps()[:frame // EVENT_STRIDE + 1]):
         seen = target["appear"] <= slot * EVENT_STRIDE < target["vanish"]
