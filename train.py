@@ -601,8 +601,14 @@ class SafePlanner(dcp.DefaultLoadPlanner):
 
 def read_dcp(state, path):
     """Fill `state` ({"model": ..., "optim": ...} or a part of it) from a checkpoint's dcp/ folder, safely."""
+    from torch.distributed.checkpoint.api import CheckpointException
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    dcp.load(state, storage_reader=SafeReader(os.path.join(path, "dcp")), planner=SafePlanner())
+    try:
+        dcp.load(state, storage_reader=SafeReader(os.path.join(path, "dcp")), planner=SafePlanner())
+    except CheckpointException as e:                # (a BaseException): the first rank's error, in one line
+        first = next(iter(e.failures.values()))     # (exception, its traceback)
+        first = first[0] if isinstance(first, tuple) else first
+        raise ValueError(f"{path}: the checkpoint cannot be read: {type(first).__name__}: {first}") from None
 
 
 def save_rng(path):

@@ -309,27 +309,35 @@ class Payload:
 
 
 def test_nothing_in_a_checkpoint_runs_code(tmp_path):
-    """Payloads planted in a checkpoint's pickle-based files (the distributed checkpoint's metadata, a non-tensor
-    entry) are refused with an error and never run; the RNG file is safetensors, which holds no code."""
+    """Payloads planted in every file of a checkpoint that could hold a pickle (the distributed checkpoint's
+    metadata, its tensor data and non-tensor entries, the RNG file) are refused with an error and never run."""
+    import io
     import pickle
+    from sample import load
     run = tmp_path / "run"
     train.main(TINY + ["--stages", "align:2", "--eval_every", "1", "--eval_samples", "0", "--out_dir", str(run)])
-    ckpt = train.latest_checkpoint(str(run))
-    assert sorted(os.listdir(ckpt)) == ["config.json", "dcp", "preprocessor_config.json", "rng-0.safetensors",
-                                       "tokenizer.tiktoken", "train_state.json"]
+    newest, older = train.checkpoints(str(run))             # --keep_checkpoints 2: steps 2 and 1
+    assert sorted(os.listdir(newest)) == ["config.json", "dcp", "preprocessor_config.json", "rng-0.safetensors",
+                                         "tokenizer.tiktoken", "train_state.json"]
     marker = tmp_path / "pwned"
-    with open(os.path.join(ckpt, "dcp", ".metadata"), "wb") as f:
+    with open(os.path.join(newest, "dcp", ".metadata"), "wb") as f:
         pickle.dump(Payload(marker), f)
     with pytest.raises(pickle.UnpicklingError, match="refers to posix.system"):
-        train.verify_checkpoint(ckpt)
-    import io
-    from sample import load
-    planner = train.SafePlanner()
-    with pytest.raises(pickle.UnpicklingError):
-        planner.load_bytes(None, io.BytesIO(pickle.dumps(Payload(marker))))
-    older = train.checkpoints(str(run))[1]                   # --keep_checkpoints 2: the step-1 one is kept
+        train.verify_checkpoint(newest)
     assert train.latest_checkpoint(str(run)) == older       # the damaged newest is skipped for the older one
     model, _, _ = load(str(run))
+    with pytest.raises(pickle.UnpicklingError):             # a non-tensor entry (the optimizer's settings)
+        train.SafePlanner().load_bytes(None, io.BytesIO(pickle.dumps(Payload(marker))))
+    for name in ["rng-0.safetensors"] + [f"dcp/{f}" for f in os.listdir(os.path.join(older, "dcp"))
+                                         if f.endswith(".distcp")]:
+        with open(os.path.join(older, name), "wb") as f:     # a pickle where safetensors / tensor data belong
+            pickle.dump(Payload(marker), f)
+    with pytest.raises(Exception, match="header|Error|error"):
+        train.load_rng(os.path.join(older, "rng-0.safetensors"))
+    with pytest.raises(ValueError, match="the checkpoint cannot be read: EOFError"):
+        train.load_weights(older, model)
+    with pytest.raises(ValueError, match="no usable checkpoint"):
+        train.latest_checkpoint(str(run))
     assert not marker.exists()
 
 
