@@ -305,10 +305,12 @@ class TextStream:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a Qwen3-VL checkpoint about images and videos.")
+    p = argparse.ArgumentParser(description="Chat with a Qwen3-VL checkpoint about images and videos.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model
-    p.add_argument("--init_from", required=True, help="Hugging Face Qwen3-VL directory or one of our checkpoints")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--init_from", required=True, help="Hugging Face Qwen3-VL directory, a train.py checkpoint or a "
+                   "train.py output directory (its latest)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--compile", action="store_true", help="decode with a compiled step in a CUDA graph, q/k/v and "
@@ -319,13 +321,15 @@ def parse_args(argv=None):
     p.add_argument("--video", action="append", default=[], help="a video file (repeatable)")
     p.add_argument("--system", default=None, help="an optional system message")
     # sampling (defaults: Qwen3-VL Instruct's recommended settings; --temperature 0 is greedy)
-    p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=INSTRUCT["temperature"])
-    p.add_argument("--top_k", type=int, default=INSTRUCT["top_k"])
-    p.add_argument("--top_p", type=float, default=INSTRUCT["top_p"])
-    p.add_argument("--presence_penalty", type=float, default=INSTRUCT["presence_penalty"])
-    p.add_argument("--repetition_penalty", type=float, default=INSTRUCT["repetition_penalty"])
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max_new_tokens", type=int, default=1024, help="longest reply")
+    p.add_argument("--temperature", type=float, default=INSTRUCT["temperature"], help="0: greedy")
+    p.add_argument("--top_k", type=int, default=INSTRUCT["top_k"], help="0: off")
+    p.add_argument("--top_p", type=float, default=INSTRUCT["top_p"], help="nucleus mass, in (0, 1]")
+    p.add_argument("--presence_penalty", type=float, default=INSTRUCT["presence_penalty"],
+                   help="subtracted from the logits of tokens already written")
+    p.add_argument("--repetition_penalty", type=float, default=INSTRUCT["repetition_penalty"],
+                   help="divides the logits of tokens already seen")
+    p.add_argument("--seed", type=int, default=1337, help="of the sampling generator")
     # output
     p.add_argument("--ground", nargs="?", const="", default=None, metavar="PNG",
                    help="draw the answer's bbox_2d / point_2d onto the first image; save as PNG "

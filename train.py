@@ -184,7 +184,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} {getattr(args, name)}: must be >= {least}")
     for name in ("lr", "min_lr_ratio", "sft_lr_ratio", "vision_lr_mult", "weight_decay", "grad_clip", "pos_embed_std"):
         if not 0 <= getattr(args, name) < float("inf") or (name == "lr" and args.lr == 0):
-            parser.error(f"--{name} {getattr(args, name)}: must be a finite number >= 0" + (" (> 0)" if name == "lr" else ""))
+            parser.error(f"--{name} {getattr(args, name)}: must be a finite number >= 0"
+                         + (" (> 0)" if name == "lr" else ""))
     if not 0 < args.beta2 < 1:
         parser.error(f"--beta2 {args.beta2}: must be in (0, 1)")
     args.stage_list = []
@@ -555,7 +556,8 @@ def verify_checkpoint(path):
 
 class SafeUnpickler(pickle.Unpickler):
     """The distributed checkpoint's metadata is a pickle: read it allowing only the plain classes it is made of
-    (its own dataclasses, torch.Size, dtypes, layouts by name, the checkpoint's path), so a crafted file cannot call anything else."""
+    (its own dataclasses, torch.Size, dtypes, layouts by name, the checkpoint's path), so a crafted file cannot call
+    anything else."""
     MODULES = ("torch.distributed.checkpoint.metadata",)
     NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
              ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
@@ -724,8 +726,8 @@ def plot(out_dir, metrics, stage_list, chance):
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for i, task in enumerate(tasks):
             c = colours(i % colours.N)
-            ax.plot([m["step"] for m in evals if task in m["eval"]], [m["eval"][task] for m in evals if task in m["eval"]],
-                    marker="o", ms=3, color=c, label=task)
+            seen = [m for m in evals if task in m["eval"]]
+            ax.plot([m["step"] for m in seen], [m["eval"][task] for m in seen], marker="o", ms=3, color=c, label=task)
             if chance.get(task) is not None:
                 ax.axhline(chance[task], color=c, ls=":", lw=0.8)
         if any(chance.get(t) is not None for t in tasks):
