@@ -195,7 +195,7 @@ def main(argv=None):
         model, tok, processor = load(args.init_from, device, dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    n = args.samples or (64 if args.data == "toy" else None)
+    n = args.samples or (64 if dataset.splits else None)
     results, examples = evaluate(model, processor, dataset, n, device, nullcontext(), args.max_new_tokens,
                                  args.batch_size)
     print(report(results, f"{args.data}"))

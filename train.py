@@ -824,7 +824,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     tok, cfg, start = tokenizer_and_config(args, data, resume, run.say)
     model = build_model(args, cfg, start, resume, run)
-    processor = make_processor(args, start or resume, tok)
+    processor = make_processor(args, start or resume, tok, data)
     packer = Packer(data, processor, cfg, args.loss_weighting, args.skip_bad_samples)
     first = args.stage_list[0][0]
     if not packer.row(0, first, args.seq_len * STAGES[base_stage(first, data)]["seq_mult"]):
@@ -881,9 +881,9 @@ def open_datasets(args):
     for name, _ in args.stage_list:
         if name not in STAGES and name not in data.stages:
             raise ValueError(f"--stages: unknown stage {name!r}; known: {list(STAGES) + list(data.stages)}")
-    toy = args.data == "toy"
-    eval_spec = args.eval_data or ("toy" if toy else "")
-    test_spec = args.test_data or ("toy" if toy and not args.eval_data else eval_spec)
+    own = args.data if data.splits else ""          # a generator with splits (the toy world) scores its own val/test
+    eval_spec = args.eval_data or own
+    test_spec = args.test_data or (own if not args.eval_data else eval_spec)
     eval_data = open_data(eval_spec, "val", args.seed, args.image_size, strict=False) if eval_spec else None
     test_data = open_data(test_spec, "test", args.seed, args.image_size, strict=False) if test_spec else None
     return data, eval_data, test_data
@@ -960,15 +960,13 @@ def build_model(args, cfg, start, resume, run):
     return model
 
 
-def make_processor(args, checkpoint, tok):
-    """Image pixel budgets: --min/max_pixels, else the checkpoint's, else the toy world's (its image size), else the
-    released processor's."""
-    budgets = {}
+def make_processor(args, checkpoint, tok, data):
+    """Image pixel budgets: --min/max_pixels, else the checkpoint's, else the dataset's (the toy world's follow its
+    image size), else the released processor's."""
+    budgets = dict(data.budgets)
     if checkpoint and os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
         from sample import read_budgets
         budgets = read_budgets(checkpoint)
-    elif args.data == "toy":
-        budgets = dict(min_pixels=args.image_size ** 2 // 2, max_pixels=args.image_size ** 2 * 4)
     budgets.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v})
     return Processor(tok, **budgets)
 

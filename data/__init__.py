@@ -8,6 +8,8 @@ A dataset is one split of conversations. It has
     score(sample, reply) -> float       the reply's score in [0, 1] (eval.METRICS, by the sample's "metric")
     chance -> {task: float}             the score without looking (where known), drawn beside each task's curve
     stages -> {name: base stage}        stage names of its own (a recipe's), each a setting of one of train.STAGES
+    budgets -> {min_pixels, max_pixels} image pixel budgets its images are made for ({}: the processor's)
+    splits -> bool                      whether it makes its own validation and test splits (a generator does)
 
 and every sample is a dict with
     messages  the chat as Processor takes it: [{"role": "user" | "assistant" | "system" | "tool",
@@ -39,6 +41,8 @@ class Mixture:
         self.datasets, self.weights, self.seed = [d for d, _ in parts], [float(w) for _, w in parts], seed
         self.chance = {t: c for d in self.datasets for t, c in d.chance.items()}
         self.stages = {n: s for d in self.datasets for n, s in d.stages.items()}
+        self.budgets = next((d.budgets for d in self.datasets if d.budgets), {})
+        self.splits = False
 
     def sample(self, index, stage=None):
         d = random.Random(f"mixture/{self.seed}/{index}").choices(range(len(self.datasets)), self.weights)[0]

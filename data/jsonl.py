@@ -31,8 +31,7 @@ MEDIA = ("image", "video")
 
 
 class JsonlDataset:
-    stages = {}
-    chance = {}
+    stages, chance, budgets, splits = {}, {}, {}, False
 
     def __init__(self, path, seed=0, require_assistant=True, skip_bad=False):
         if not os.path.isfile(path):

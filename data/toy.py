@@ -54,9 +54,12 @@ class ToyData:
     evaluation on n samples of every task, each task's own scorer and chance level."""
     stages = {name: base for name, (base, _) in STAGES.items()}
     chance = {name: task.chance for name, task in TASKS.items()}
+    splits = True
 
     def __init__(self, seed=0, split="train", image_size=96):
         self.world, self.split = ToyWorld(seed=seed, image_size=image_size), split
+        # images of image_size^2 pixels come out at that size: 9 visual tokens for 96 x 96
+        self.budgets = dict(min_pixels=image_size ** 2 // 2, max_pixels=image_size ** 2 * 4)
 
     def sample(self, index, stage=None):
         s = self.world.sample(self.split, index, mix=MIXES[stage] if stage else ALL)
