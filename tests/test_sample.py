@@ -83,7 +83,7 @@ def test_rows_stop_at_their_own_eos(pair):
 
 # ------------------------------------------------------------------------------------------------ the sampler
 def test_repetition_penalty_equals_reference_processor():
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from transformers import RepetitionPenaltyLogitsProcessor
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
     ids = torch.randint(0, 50, (4, 12), generator=g)
@@ -117,8 +117,7 @@ def test_presence_penalty_stops_repeats(pair):
 
 
 def test_warp_equals_reference_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 200, generator=g) * 2
     for temperature, top_k, top_p in [(0.7, 20, 0.8), (1.0, 0, 0.5), (1.3, 5, 1.0), (1.0, 0, 1.0)]:

@@ -167,7 +167,7 @@ def write_hf_bpe_files(ranks, directory):
     Ranks -> the slow HF files vocab.json + merges.txt. Each token's merge is found by running BPE on its bytes
     with the lower ranks only, until two parts are left (the way tiktoken vocabularies are converted for HF).
     """
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode   # the reference's byte table
+    from tokenizer import bytes_to_unicode
     b2u = bytes_to_unicode()
 
     def text(b):
@@ -198,17 +198,16 @@ def write_hf_bpe_files(ranks, directory):
 
 def build_hf_tokenizer(ranks, directory):
     """
-    The reference tokenizer for `ranks`: transformers' Qwen2TokenizerFast, converted from the slow files by its own
-    Qwen2Converter (NFC + the Qwen2 split regex + byte-level BPE), with Qwen3-VL's added tokens in id order
+    The reference tokenizer for `ranks`: transformers' Qwen2Tokenizer loaded from the slow files (vocab.json +
+    merges.txt; NFC + the Qwen2 split regex + byte-level BPE), with Qwen3-VL's added tokens in id order
     (the first 14 special, the others not, all unnormalized, as in the released tokenizer_config.json).
     Saved to directory/hf (tokenizer.json, ...). Returns the tokenizer.
     """
     from tokenizers import AddedToken
-    from transformers import Qwen2TokenizerFast
+    from transformers import Qwen2Tokenizer
     write_hf_bpe_files(ranks, os.path.join(directory, "slow"))
-    hf = Qwen2TokenizerFast(vocab_file=os.path.join(directory, "slow", "vocab.json"),
-                            merges_file=os.path.join(directory, "slow", "merges.txt"),
-                            unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    hf = Qwen2Tokenizer.from_pretrained(os.path.join(directory, "slow"), unk_token=None, bos_token=None,
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     hf.add_tokens([AddedToken(t, special=t in CONTROL_TOKENS, normalized=False) for t in SPECIAL_TOKENS])
     hf.eos_token = "<|im_end|>"                                             # as in the Instruct checkpoints
     assert hf.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(ranks), len(ranks) + len(SPECIAL_TOKENS)))
@@ -289,9 +288,11 @@ def test_hf_tokenizer_json_gives_the_same_tokenizer(tok, hf):
     from_json = Tokenizer.from_pretrained(os.path.join(directory, "hf"))       # tokenizer.json
     assert from_json.ranks == tok.ranks and from_json.special == tok.special
     assert from_json.normalize and from_json.pattern == tok.pattern
-    slow = os.path.join(directory, "hf_without_tokenizer_json")               # vocab.json + merges.txt + ...
-    shutil.copytree(os.path.join(directory, "hf"), slow, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("tokenizer.json"))
+    # the older files: vocab.json + merges.txt + added_tokens.json (transformers 5 writes tokenizer.json only)
+    slow = os.path.join(directory, "slow_with_added_tokens")
+    shutil.copytree(os.path.join(directory, "slow"), slow, dirs_exist_ok=True)
+    with open(os.path.join(slow, "added_tokens.json"), "w", encoding="utf-8") as f:
+        json.dump(hf.get_added_vocab(), f)
     from_slow = Tokenizer.from_pretrained(slow)
     assert from_slow.ranks == tok.ranks and from_slow.special == tok.special
 
