@@ -229,7 +229,7 @@ def test_export_dtype_bfloat16(tmp_path):
     train.main(TINY + ["--stages", "align:1", "--eval_every", "0", "--export_dtype", "bfloat16",
                        "--out_dir", str(tmp_path / "o")])
     hf = tmp_path / "o" / "hf"
-    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((hf / "config.json").read_text())["dtype"] == "bfloat16"     # transformers 5's key
     model = Qwen3VL.from_pretrained(hf)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     for name, p in model.named_parameters():

@@ -19,7 +19,8 @@ from PIL import Image
 
 import processor as P
 from processor import Processor
-from test_tokenizer import hf_render, qwen_hf_tokenizer, qwen_tokenizer
+from test_tokenizer import hf_render, qwen_hf_tokenizer, qwen_tokenizer, released_template
+from tokenizer import Tokenizer
 
 # (frame rate, frames, width, height): lengths from 0.3 s to 20 s, fractional NTSC rate, portrait, odd counts.
 CLIPS = [(30, 90, 64, 48), (24, 50, 64, 48), (Fraction(30000, 1001), 125, 64, 48), (10, 7, 48, 64),
@@ -209,6 +210,26 @@ def test_expanded_prompt_matches_reference(clips, tok):
     assert "Video 1: <0.3 seconds><|vision_start|><|video_pad|>" in batch["text"][0]
     assert batch["text"][0].count(" seconds><|vision_start|>") == 4 and "<3.8 seconds>" in batch["text"][0]
     assert batch["text"][1].count(" seconds><|vision_start|>") == 2    # 3 frames, padded to 4
+
+
+@pytest.mark.parametrize("flavour", ["instruct", "thinking"])
+def test_checkpoint_template_gives_the_same_batch(clips, tok, flavour):
+    """A tokenizer with the released Jinja template and one with the Python template make the same batch: ids,
+    labels (the assistant mask), pixels, grids, on images, a video and their timestamps."""
+    jinja = Tokenizer(tok.ranks, chat_template=released_template(flavour))
+    python = Tokenizer(tok.ranks, thinking=flavour == "thinking")
+    chelsea = Image.open(P.os.path.join(P.os.path.dirname(__import__("skimage").__file__), "data", "chelsea.png"))
+    video, fps = decode_all(clips[2])
+    chats = [[{"role": "user", "content": [{"type": "image", "image": chelsea}, {"type": "text", "text": "And:"},
+                                           {"type": "video", "video": video, "fps": fps}]},
+              {"role": "assistant", "content": "<think>\nA cat, then a square.\n</think>\n\nA cat; a square."}],
+             [{"role": "user", "content": [{"type": "text", "text": "Only words."}]}]]
+    batches = [Processor(t, min_pixels=1024, max_pixels=64 * 64)(chats, add_generation_prompt=False, add_vision_id=True)
+               for t in (jinja, python)]
+    for key in batches[0]:
+        a, b = batches[0][key], batches[1][key]
+        assert (a is None and b is None) or torch.equal(a, b), key
+    assert (batches[0]["labels"] != -100).sum() > 5 and batches[0]["video_grid_thw"].tolist() == [[4, 4, 4]]
 
 
 def test_bad_videos_raise_clear_errors(tmp_path, tok, clips):
