@@ -690,18 +690,27 @@ class Qwen3VL(nn.Module):
             model.lm_head.weight = model.language_model.embed_tokens.weight
         return model.to(device=device, dtype=dtype)
 
-    def save_pretrained(self, path, format="v5", expert_layout=None, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, format="v5", expert_layout=None, max_shard_bytes=5 * 2**30, processor=None,
+                        tokenizer=None):
         """
         Write config.json and safetensors shards that `transformers` loads; files appear atomically.
         format: "v5" (transformers 5, the default) or "v4" (transformers 4.57), see HF_FORMATS.
         expert_layout (MoE): one of moe.EXPERT_LAYOUTS; by default the format's own ("fused_out_in" for v5,
         "fused_in_out" for v4, the layout of the released checkpoints).
+        processor / tokenizer: also write their files (Processor.save_pretrained, Tokenizer.save_hf: the
+        preprocessor configs, tokenizer.json, the chat template) and generation_config.json (the tokenizer's stop
+        and padding ids), making a directory that transformers' AutoModelForImageTextToText, AutoProcessor and
+        AutoTokenizer load. A processor brings its tokenizer.
         """
         from safetensors.torch import save_file
         if format not in HF_FORMATS:
             raise ValueError(f"unknown checkpoint format {format!r}; choose one of {sorted(HF_FORMATS)}")
         if expert_layout is not None and expert_layout not in EXPERT_LAYOUTS:
             raise ValueError(f"unknown expert layout {expert_layout!r}; choose one of {sorted(EXPERT_LAYOUTS)}")
+        tokenizer = tokenizer or getattr(processor, "tok", None)
+        if tokenizer is not None and tokenizer.n_vocab > self.cfg.text.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids, the model's embedding "
+                             f"{self.cfg.text.vocab_size} rows")
         os.makedirs(path, exist_ok=True)
         hf = self._to_hf_state_dict(expert_layout or HF_EXPERT_LAYOUT[format])
         shards, size = [[]], 0
@@ -723,6 +732,13 @@ class Qwen3VL(nn.Module):
         dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
         hf_cfg = {**self.cfg.to_hf_dict(format), "dtype" if format == "v5" else "torch_dtype": dtype}
         _atomic(os.path.join(path, "config.json"), lambda p: _write_json(hf_cfg, p))
+        if processor is not None:
+            processor.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_hf(path)
+            generation = {"bos_token_id": tokenizer.endoftext_id, "eos_token_id": tokenizer.eos_ids,
+                          "pad_token_id": tokenizer.pad_id}
+            _atomic(os.path.join(path, "generation_config.json"), lambda p: _write_json(generation, p))
 
     def checkpoint_tensors(self, path):
         """

@@ -36,7 +36,6 @@ Command line (streams the answer; --ground draws the boxes/points of a grounding
 """
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -208,15 +207,7 @@ def load(path, device="cpu", dtype=None):
                                 "safetensors and the tokenizer files)")
     model = Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
     tok = Tokenizer.from_pretrained(path)
-    # image pixel budgets the model was trained with: ours write min/max_pixels, Hugging Face size.shortest/longest_edge
-    budgets = {}
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        with open(os.path.join(path, "preprocessor_config.json")) as f:
-            pre = json.load(f)
-        size = pre.get("size", {})
-        budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
-                       max_pixels=pre.get("max_pixels", size.get("longest_edge")))
-    return model, tok, Processor(tok, **{k: v for k, v in budgets.items() if v is not None})
+    return model, tok, Processor.from_pretrained(path, tok)
 
 
 class TextStream:

@@ -114,6 +114,22 @@ def ranks_from_hf_bpe(vocab, merges):
     return ranks
 
 
+def bpe_merge(ranks, token):
+    """
+    The last merge that makes `token` in byte-level BPE ranks {token bytes: id} -> (left, right): its bytes merged
+    as tiktoken merges them, with only the ranks below its own, until two parts are left. (The Hugging Face files
+    list merges; tiktoken keeps only the ranks. Merges listed in rank order rebuild tiktoken's encoding.)
+    """
+    rank, parts = ranks[token], [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, i = min((ranks.get(parts[j] + parts[j + 1], rank), j) for j in range(len(parts) - 1))
+        if best >= rank:
+            raise ValueError(f"token {token!r} (id {rank}) cannot be built from tokens of lower ids: not a BPE "
+                             "vocabulary")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with Qwen3-VL's special tokens and chat template."""
 
@@ -224,6 +240,49 @@ class Tokenizer:
         with open(path, "wb") as f:
             for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
                 f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+    def save_hf(self, path):
+        """
+        The Hugging Face files of this tokenizer in directory `path`: tokenizer.json (byte-level BPE: the ranks as
+        the vocabulary, the merges that rebuild them, the split regex, NFC, the added tokens), tokenizer_config.json
+        and, if the tokenizer has a checkpoint's chat template, chat_template.jinja. transformers' AutoTokenizer
+        loads the directory and gives the same ids, and so does Tokenizer.from_pretrained.
+        """
+        os.makedirs(path, exist_ok=True)
+        b2u = bytes_to_unicode()
+
+        def text(token):
+            return "".join(b2u[b] for b in token)
+
+        by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                  "special": t in CONTROL_TOKENS} for t, i in sorted(self.special.items(), key=lambda kv: kv[1])]
+        spec = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"} if self.normalize else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                byte_level]},
+            "post_processor": byte_level, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {text(token): i for token, i in by_rank},
+                      "merges": [[text(a), text(b)] for a, b in (bpe_merge(self.ranks, token) for token, _ in by_rank
+                                                                 if len(token) > 1)]},
+        }
+        config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "unk_token": None,
+                  "eos_token": self.id_to_special[self.im_end_id], "pad_token": self.id_to_special[self.pad_id],
+                  "add_prefix_space": False, "clean_up_tokenization_spaces": False, "errors": "replace",
+                  "split_special_tokens": False,
+                  "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}}
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+        if self.chat_template is not None:
+            with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
 
     # ------------------------------------------------------------------------------------------------ training
     @classmethod
