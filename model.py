@@ -9,7 +9,8 @@ Notable features
 - DeepStack (§2.2): features of intermediate ViT blocks are added to the hidden states at visual positions
   after each of the first LLM layers.
 - Configs for every released size (`Qwen3VLConfig.from_preset`) plus toy sizes; Hugging Face `config.json` +
-  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`).
+  safetensors checkpoints of both generations (transformers 4.57 and 5, dense and MoE) load and save through one
+  small key table (`HF_PREFIXES`), with the tokenizer and processor files when asked (`save_pretrained`).
 
 Forward pass flow (Qwen3VL.forward)
     input_ids ──embed_tokens──> x [B, S, H]

@@ -1,13 +1,15 @@
 """
 The Qwen3-VL-MoE sparse block (30B-A3B, 235B-A22B): a router sends each token to k of E SwiGLU experts
-(reference §4; Hugging Face `Qwen3VLMoeTextSparseMoeBlock`, transformers 4.57.6 modeling_qwen3_vl_moe.py).
+(reference §4; Hugging Face `Qwen3VLMoeTextSparseMoeBlock`, modeling_qwen3_vl_moe.py of transformers 4.57 and 5).
 
 Notable features
 - Router: a bias-free linear H -> E; softmax in float32 over ALL E experts, then the top k. The k weights are
   always renormalised to sum to 1 (the reference ignores `norm_topk_prob`, §7.12) and cast back to the activation
   dtype. No shared expert, no expert bias, no routed scaling factor.
-- Experts stored fused, exactly as in the checkpoint (x @ W layout): `experts.gate_up_proj` [E, H, 2I], columns
-  [:I] the gate and [I:] the up projection, and `experts.down_proj` [E, I, H].
+- Experts stored fused, as in the released checkpoints (x @ W layout): `experts.gate_up_proj` [E, H, 2I], columns
+  [:I] the gate and [I:] the up projection, and `experts.down_proj` [E, I, H]. Checkpoint files in the other
+  layouts (transformers 5's transposed tensors, one nn.Linear per expert) are read and written through
+  EXPERT_LAYOUTS, told apart by their names and shapes.
 - Two execution paths, same maths (`SparseMoeBlock.impl`, or `set_impl(model, ...)` for a whole model):
     "loop"     for each expert: gather the tokens routed to it, run its SwiGLU, add the weighted output back.
                The one to read; its shapes depend on the routing, so every expert costs a host sync.
@@ -221,9 +223,9 @@ def experts_to_checkpoint(gate_up_proj, down_proj, layout):
 def expert_layout_of(shapes, num_experts, dim, hidden, where="experts"):
     """
     The layout of one layer's expert tensors. shapes: {key below `experts.`: shape}; dim H, hidden I. Both fused
-    tensors together settle the orientation even where one alone cannot (2I == H or I == H: issue #47031 of
-    transformers, whose loader looks at one tensor at a time). Anything that fits no layout is an error naming
-    `where`, the keys and shapes found, and the layouts expected.
+    tensors together settle the orientation even where one alone cannot (gate_up_proj when 2I == H, down_proj
+    when I == H: a loader that looks at one tensor at a time, as transformers 5's does, cannot tell). Anything
+    that fits no layout is an error naming `where`, the keys and shapes found, and the layouts expected.
     """
     E, H, I = num_experts, dim, hidden
     expected = {"fused_in_out": {"gate_up_proj": [E, H, 2 * I], "down_proj": [E, I, H]},
