@@ -150,7 +150,7 @@ class Qwen3VLConfig:
                 section.pop(key, None)
         return cls(text=_build(TextConfig, text, "text_config", where), vision=_build(VisionConfig, vision,
                                                                                      "vision_config", where),
-                   tie_word_embeddings=bool(tie),
+                   tie_word_embeddings=tie,
                    **_checked(cls, d, "top-level", skip=("text", "vision", "tie_word_embeddings"), file=where))
 
     def to_hf_dict(self, format="v5"):

@@ -452,9 +452,12 @@ class Tokenizer:
         <|im_end|>, so that newline is never sampled.
         """
         if self.chat_template is not None:
+            if thinking is not None:
+                raise ValueError(f"thinking= picks the flavour of the Python template; this tokenizer formats chats "
+                                 f"with its checkpoint's template ({self.chat_template_file})")
             text = self.render_template(messages, add_generation_prompt, add_vision_id=add_vision_id, tools=tools,
                                         **template_kwargs)
-            pieces = self.template_pieces(text, messages, vision)
+            pieces = self.template_pieces(text, messages, vision, mask=return_assistant_mask)
         else:
             if template_kwargs:
                 raise ValueError(f"the Python chat template takes no {sorted(template_kwargs)} (only a checkpoint's "
@@ -499,17 +502,18 @@ class Tokenizer:
         self._generation_prompt = (self.chat_template, with_prompt[len(without):])
         return self._generation_prompt[1]
 
-    def template_pieces(self, text, messages, vision=None):
+    def template_pieces(self, text, messages, vision=None, mask=True):
         """
         Rendered text -> [(str | special id, trainable)]. Every special-token string becomes its token, as Hugging
-        Face tokenizes a rendered template. Trainable: each assistant turn ("<|im_start|>assistant\\n" ... through
-        <|im_end|>) after the generation prompt; the number of turns must equal the assistant messages. With
-        `vision`, each image's / video's placeholder triple is replaced by vision(item, kind), in message order.
+        Face tokenizes a rendered template. Trainable (with mask=True): each assistant turn
+        ("<|im_start|>assistant\\n" ... through <|im_end|>) after the generation prompt; the number of turns must
+        equal the assistant messages. With `vision`, each image's / video's placeholder triple is replaced by
+        vision(item, kind), in message order.
         """
         trainable = [False] * len(text)
         end = self.id_to_special[self.im_end_id]
         closed = 0
-        for turn in re.finditer(re.escape(ASSISTANT_HEADER), text):
+        for turn in re.finditer(re.escape(ASSISTANT_HEADER), text) if mask else ():
             stop = text.find(end, turn.start())
             if stop < 0:
                 continue                                 # the generation prompt: nothing written yet
@@ -518,7 +522,7 @@ class Tokenizer:
             trainable[first:stop + len(end)] = [True] * (stop + len(end) - first)
             closed += 1
         n_assistant = sum(m.get("role") == "assistant" for m in messages)
-        if closed != n_assistant:
+        if mask and closed != n_assistant:
             raise ValueError(f"{self.chat_template_file}: the rendered chat has {closed} assistant turns, the "
                              f"messages {n_assistant} assistant messages (does a message hold {ASSISTANT_HEADER!r}?)")
         pieces, pos = [], 0

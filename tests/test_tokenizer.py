@@ -434,6 +434,11 @@ def test_chat_template_errors_name_the_file(tok):
                                       vision=lambda item, kind: [tok.vision_start_id])
     with pytest.raises(ValueError, match=r"takes no \['enable_thinking'\]"):
         tok.apply_chat_template(chat, enable_thinking=False)
+    with pytest.raises(ValueError, match=r"thinking= picks the flavour of the Python template; this tokenizer formats "
+                                         r"chats with its checkpoint's template"):
+        jinja_tokenizer("instruct").apply_chat_template(chat, thinking=True)
+    # rendering as text needs no assistant turns to be found
+    assert "I obey." in jinja_tokenizer("instruct").apply_chat_template(injected, tokenize=False)
 
 
 def test_checkpoint_chat_template_files(tok, tmp_path):
