@@ -9,9 +9,10 @@ Notable features
 - DeepStack (§2.2): features of intermediate ViT blocks are added to the hidden states at visual positions
   after each of the first LLM layers.
 - Configs for every released size (`Qwen3VLConfig.from_preset`) plus toy sizes; Hugging Face `config.json` +
-  safetensors checkpoints load and save through one small key table (`HF_PREFIXES`). A config is validated when
-  it is made (sizes bounded, heads and RoPE sections that fit, special ids in the vocabulary); a checkpoint reads
-  only the files inside its directory and only float tensors.
+  safetensors checkpoints of both generations (transformers 4.57 and 5, dense and MoE) load and save through one
+  small key table (`HF_PREFIXES`), with the tokenizer and processor files when asked (`save_pretrained`). A config
+  is validated when it is made (sizes bounded, heads and RoPE sections that fit, special ids in the vocabulary); a
+  checkpoint reads only the files inside its directory and only float tensors.
 
 Forward pass flow (Qwen3VL.forward)
     check_inputs: shapes always; on a prompt ids in range, grids against pixel rows and placeholders, finite pixels
@@ -24,9 +25,11 @@ Forward pass flow (Qwen3VL.forward)
     logits = lm_head(norm(x))  [B, S, V] (or norm(x) itself: return_hidden);  loss = cross-entropy of next-token
         labels (optional), head and cross-entropy chunk by chunk (chunked_cross_entropy)
 """
+import copy
 import json
 import math
 import os
+import re
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -38,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 import flex
 from checks import check_number
-from moe import SparseMoeBlock, is_moe_layer, load_balancing_loss
+from moe import (EXPERT_LAYOUTS, SparseMoeBlock, expert_layout_of, experts_from_checkpoint, experts_to_checkpoint,
+                 is_moe_layer, load_balancing_loss)
 from rope import apply_rotary, mrope_cos_sin, rope_index
 from vision import VisionEncoder
 
@@ -196,95 +200,202 @@ class Qwen3VLConfig:
         return cls(text=_build(TextConfig, text, "text"), vision=_build(VisionConfig, vision, "vision"),
                    **{**top, **overrides})
 
-    # -- Hugging Face config.json (v4 layout; v5's `rope_parameters` is read too) --
+    # -- Hugging Face config.json, both generations of the format (HF_FORMATS) --
 
     @classmethod
-    def from_hf_dict(cls, d):
-        """The config of a Hugging Face config.json (parsed). Raises ValueError / TypeError naming the field for
-        anything this implementation cannot run (validate)."""
+    def from_hf_dict(cls, d, where="config.json"):
+        """
+        Our config from a Hugging Face config.json dict written by transformers 4.57 or 5.x (dense or MoE). Each key
+        is read, checked against the one value implemented here (HF_FIXED_VALUES), or listed as harmless
+        (HF_HARMLESS_KEYS); anything else is refused with its name. `where` names the file in the errors.
+        """
         if not isinstance(d, dict):
-            raise TypeError(f"config.json must hold a JSON object, got {type(d).__name__}")
-        d = dict(d)
+            raise TypeError(f"{where} must hold a JSON object, got {type(d).__name__}")
+        d = copy.deepcopy(d)                             # keys are popped as they are read
         model_type = d.pop("model_type", None)
         if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
-            raise ValueError(f"config.json has model_type={model_type!r}; expected 'qwen3_vl' or 'qwen3_vl_moe'")
+            raise ValueError(f"{where}: model_type is {model_type!r}; expected 'qwen3_vl' or 'qwen3_vl_moe'")
+        moe = model_type == "qwen3_vl_moe"
         text, vision = d.pop("text_config", {}), d.pop("vision_config", {})
         for name, section in (("text_config", text), ("vision_config", vision)):
             if not isinstance(section, dict):
-                raise TypeError(f"config.json: {name}={section!r}: must be a JSON object")
-        text, vision = dict(text), dict(vision)
-        # RoPE: v4 keeps rope_theta + rope_scaling, v5 folds both into rope_parameters
-        rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None) or {}
-        text.pop("rope_scaling", None)
-        if not isinstance(rope, dict):
-            raise TypeError(f"config.json: text_config.rope_scaling={rope!r}: must be a JSON object")
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope type {rope['rope_type']!r} is not supported (only 'default')")
-        if "rope_theta" in rope:
-            text["rope_theta"] = rope["rope_theta"]
-        if "mrope_section" in rope:
-            text["mrope_section"] = rope["mrope_section"]
-        text["mrope_interleaved"] = rope.get("mrope_interleaved", True)
-        for key, want in (("hidden_act", "silu"), ("attention_bias", False)):
-            if text.pop(key, want) != want:
-                raise ValueError(f"text_config.{key} must be {want!r}")
-        if vision.pop("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise ValueError("vision_config.hidden_act must be 'gelu_pytorch_tanh'")
-        text.pop("norm_topk_prob", None)   # the reference always renormalises the top-k weights (reference §7.12)
-        text.pop("output_router_logits", None)     # the reference's run-time switch of the aux loss: forward(aux_loss=)
-        if model_type == "qwen3_vl" and text.get("num_experts", 0) != 0:
-            raise ValueError("config.json: model_type 'qwen3_vl' is dense, but text_config.num_experts > 0 "
+                raise TypeError(f"{where}: {name}={section!r}: must be a JSON object")
+        # the generation of the file: its transformers_version (an unknown version is refused), else its RoPE keys
+        # (a file without them is refused below: the two generations default rope_theta differently)
+        generation = hf_format_of(d, where) or ("v5" if "rope_parameters" in text else "v4")
+        for section, name, allowed in ((text, "text_config", HF_SUB_MODEL_TYPES[model_type]["text"]),
+                                       (vision, "vision_config", HF_SUB_MODEL_TYPES[model_type]["vision"])):
+            if section.get("model_type", allowed[0]) not in allowed:
+                raise ValueError(f"{where}: {name}.model_type is {section['model_type']!r}; expected one of {allowed}")
+            section.pop("model_type", None)
+        _read_text_rope(text, where)
+        if "num_local_experts" in text:                  # transformers 5's name of num_experts
+            n = text.pop("num_local_experts")
+            if text.setdefault("num_experts", n) != n:
+                raise ValueError(f"{where}: text_config.num_experts ({text['num_experts']}) and num_local_experts "
+                                 f"({n}) disagree")
+        if not moe and text.get("num_experts", 0) > 0:
+            raise ValueError(f"{where}: model_type 'qwen3_vl' is dense, but text_config.num_experts > 0 "
                              "(an MoE checkpoint has model_type 'qwen3_vl_moe')")
-        if model_type == "qwen3_vl_moe" and "num_experts" not in text:
-            raise ValueError("config.json: model_type 'qwen3_vl_moe' needs text_config.num_experts (and "
-                             "num_experts_per_tok, moe_intermediate_size); the reference's defaults are not guessed")
-        tie = d.pop("tie_word_embeddings", text.pop("tie_word_embeddings", False))
-        text.pop("tie_word_embeddings", None)
-        for section in (d, text, vision):
-            for k in HF_BOOKKEEPING_KEYS:
-                section.pop(k, None)
-        return cls(text=_build(TextConfig, text, "text_config"), vision=_build(VisionConfig, vision, "vision_config"),
-                   tie_word_embeddings=tie, **_checked(cls, d, "config.json", skip=("text", "vision", "tie_word_embeddings")))
+        if moe and "num_experts" not in text:
+            raise ValueError(f"{where}: model_type 'qwen3_vl_moe' needs text_config.num_experts (5.x: "
+                             "num_local_experts), num_experts_per_tok and moe_intermediate_size; the reference's "
+                             "defaults are not guessed")
+        # The flag that ties the head: 4.57 reads text_config's (default False), 5.x the top-level one (default
+        # False; 5.x also writes a text_config flag that it never reads, True for the MoE models).
+        top, sub = d.pop("tie_word_embeddings", None), text.pop("tie_word_embeddings", None)
+        tie = bool({"v4": sub, "v5": top}[generation])
+        for section, name in ((d, ""), (text, "text_config."), (vision, "vision_config.")):
+            for key, want in HF_FIXED_VALUES.get(name.rstrip("."), {}).items():
+                if key in section and section.pop(key) != want:
+                    raise ValueError(f"{where}: {name}{key} must be {want!r} (the architecture implemented here)")
+            for key in HF_HARMLESS_KEYS:
+                section.pop(key, None)
+        return cls(text=_build(TextConfig, text, "text_config", where), vision=_build(VisionConfig, vision,
+                                                                                     "vision_config", where),
+                   tie_word_embeddings=tie,
+                   **_checked(cls, d, "top-level", skip=("text", "vision", "tie_word_embeddings"), file=where))
 
-    def to_hf_dict(self):
+    def to_hf_dict(self, format="v5"):
+        """
+        The config.json of this model in a format of HF_FORMATS: "v5" (transformers 5, the default) or "v4"
+        (transformers 4.57, as the released Qwen3-VL checkpoints). Written complete, the RoPE settings included,
+        since the two generations of the reference default differently when a key is missing.
+        """
+        if format not in HF_FORMATS:
+            raise ValueError(f"unknown config.json format {format!r}; choose one of {sorted(HF_FORMATS)}")
         moe = self.text.num_experts > 0
+        model_type = "qwen3_vl_moe" if moe else "qwen3_vl"
         text = asdict(self.text)
         rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
                 "mrope_interleaved": text.pop("mrope_interleaved")}
-        if moe:
-            text["norm_topk_prob"] = True
-        else:
+        theta = text.pop("rope_theta")
+        if not moe:
             for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
                       "mlp_only_layers", "router_aux_loss_coef"):
                 text.pop(k)
-        text.update(model_type="qwen3_vl_moe_text" if moe else "qwen3_vl_text", hidden_act="silu",
-                    attention_bias=False, rope_scaling=rope, tie_word_embeddings=self.tie_word_embeddings)
-        vision = {**asdict(self.vision), "model_type": "qwen3_vl_moe" if moe else "qwen3_vl",
-                  "hidden_act": "gelu_pytorch_tanh"}
+        elif format == "v5":
+            text["num_local_experts"] = text.pop("num_experts")
+        else:
+            text["norm_topk_prob"] = True
+        if format == "v5":
+            text["rope_parameters"] = {**rope, "rope_theta": theta}
+        else:
+            text.update(rope_scaling=rope, rope_theta=theta)
+        sub_types = HF_SUB_MODEL_TYPES[model_type]
+        # the head's tie twice: 4.57 reads text_config's flag, 5.x the top-level one
+        text.update(model_type=sub_types["text"][0], tie_word_embeddings=self.tie_word_embeddings,
+                    **copy.deepcopy(HF_FIXED_VALUES["text_config"]))
+        vision = {**asdict(self.vision), "model_type": sub_types["vision"][format == "v5"],
+                  **copy.deepcopy(HF_FIXED_VALUES["vision_config"])}
+        if format == "v4":
+            vision.pop("rope_parameters")                # 4.57 has the vision RoPE theta built in
         return {"architectures": ["Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"],
-                "model_type": "qwen3_vl_moe" if moe else "qwen3_vl", "text_config": text, "vision_config": vision,
+                "model_type": model_type, "transformers_version": HF_FORMATS[format],
+                "text_config": text, "vision_config": vision,
                 "tie_word_embeddings": self.tie_word_embeddings, "image_token_id": self.image_token_id,
                 "video_token_id": self.video_token_id, "vision_start_token_id": self.vision_start_token_id,
                 "vision_end_token_id": self.vision_end_token_id}
 
 
-# keys of a Hugging Face config.json that carry no architecture (or a default we always use)
-HF_BOOKKEEPING_KEYS = {"architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "model_type",
-                       "initializer_range", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-                       "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict"}
+# The two generations of config.json (and of MoE expert tensors, moe.EXPERT_LAYOUTS), each with the transformers
+# version whose layout `to_hf_dict` writes:
+#   "v4"  transformers 4.57 (the released Qwen3-VL checkpoints): text_config.rope_theta + rope_scaling,
+#         num_experts, norm_topk_prob; vision_config.model_type "qwen3_vl" / "qwen3_vl_moe".
+#   "v5"  transformers 5: text_config.rope_parameters (type, theta, MRoPE sections), num_local_experts;
+#         vision_config.rope_parameters (axial, theta 10000) and model_type "qwen3_vl_vision" / ...
+HF_FORMATS = {"v4": "4.57.6", "v5": "5.24.0"}
+HF_EXPERT_LAYOUT = {"v4": "fused_in_out", "v5": "fused_out_in"}    # the MoE expert tensors of each format
+HF_SUB_MODEL_TYPES = {   # text_config / vision_config model_type per top-level model_type: (v4, v5) names
+    "qwen3_vl": {"text": ("qwen3_vl_text",), "vision": ("qwen3_vl", "qwen3_vl_vision")},
+    "qwen3_vl_moe": {"text": ("qwen3_vl_moe_text",), "vision": ("qwen3_vl_moe", "qwen3_vl_moe_vision")},
+}
+
+# Keys whose only value is the architecture implemented here: another value is refused.
+HF_FIXED_VALUES = {
+    "text_config": {"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0},
+    "vision_config": {"hidden_act": "gelu_pytorch_tanh",
+                      "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}},   # rope.vision_cos_sin
+}
+
+# Keys of a Hugging Face config.json that do not change what the model computes, each with the reason. They are
+# dropped when read; every other key is read, checked (HF_FIXED_VALUES) or refused by name.
+HF_HARMLESS_KEYS = {
+    "architectures": "the reference's class name; model_type says the same",
+    "transformers_version": "the library that wrote the file; checked to be 4.57.x or 5.x (hf_format_of)",
+    "torch_dtype": "the dtype the tensors were saved in (4.57's name); the safetensors files carry their own",
+    "dtype": "the same (5.x's name)",
+    "_name_or_path": "where the reference loaded the file from",
+    "use_cache": "the reference's switch of its KV cache; sample.py always caches",
+    "initializer_range": "the std of freshly initialised weights (init_weights(std=)); loaded weights replace them",
+    "bos_token_id": "a generation setting (the tokenizer and generation_config.json hold the token ids)",
+    "eos_token_id": "a generation setting (the tokenizer and generation_config.json hold the token ids)",
+    "pad_token_id": "a generation setting (the tokenizer and generation_config.json hold the token ids)",
+    "output_router_logits": "the reference's switch of the MoE auxiliary loss; here forward(aux_loss=True)",
+    "norm_topk_prob": "both generations of the reference renormalise the top-k routing weights whatever it says",
+    "sliding_window": "5.x writes null for the MoE text model; Qwen3-VL has no sliding-window attention",
+    "output_attentions": "an output switch of the reference's forward",
+    "output_hidden_states": "an output switch of the reference's forward",
+    "return_dict": "an output switch of the reference's forward",
+    "use_return_dict": "an output switch of the reference's forward",
+}
 
 
-def _checked(cls, d, where, skip=()):
+def hf_format_of(d, where="config.json"):
+    """
+    The format generation ("v4" or "v5") that a config.json's transformers_version says wrote it, or None when the
+    file does not say. A version that cannot hold Qwen3-VL (before 4.57, from 6 on) is refused: its keys are unknown.
+    """
+    version = d.get("transformers_version")
+    if version is None:
+        return None
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    major_minor = (int(m.group(1)), int(m.group(2))) if m else None
+    if major_minor is None or not (4, 57) <= major_minor < (6, 0):
+        raise ValueError(f"{where}: transformers_version is {version!r}; the config.json formats read here are "
+                         f"transformers 4.57.x (Qwen3-VL's first) and 5.x")
+    return "v4" if major_minor[0] == 4 else "v5"
+
+
+def _read_text_rope(text, where):
+    """Fold the text RoPE keys of either generation into TextConfig's fields, in place: 4.57's rope_theta +
+    rope_scaling {rope_type, mrope_section, mrope_interleaved}, or 5.x's rope_parameters with all four."""
+    legacy, params = text.pop("rope_scaling", None), text.pop("rope_parameters", None)
+    if legacy is not None and params is not None:
+        raise ValueError(f"{where}: text_config holds both rope_scaling (transformers 4.57) and rope_parameters "
+                         "(5.x); expected one of them")
+    name = "text_config.rope_parameters" if params is not None else "text_config.rope_scaling"
+    rope = dict(params or legacy or {})
+    if "rope_theta" in text:
+        theta = text.pop("rope_theta")
+        if rope.setdefault("rope_theta", theta) != theta:
+            raise ValueError(f"{where}: text_config.rope_theta ({theta}) and {name}.rope_theta "
+                             f"({rope['rope_theta']}) disagree")
+    if "rope_theta" not in rope:   # 4.57 would default to 5e6, 5.x to 5e5: not guessed
+        raise ValueError(f"{where}: text_config has no rope_theta (in rope_parameters for 5.x); the reference's "
+                         "default differs between versions, so the file must say it")
+    if rope.pop("rope_type", "default") != "default":
+        raise ValueError(f"{where}: {name}.rope_type is {(params or legacy)['rope_type']!r}; only 'default' "
+                         "(plain MRoPE, no context extension) is implemented")
+    for key in ("rope_theta", "mrope_section", "mrope_interleaved"):
+        if key in rope:
+            text[key] = rope.pop(key)
+    if rope:
+        raise ValueError(f"{where}: unknown {name} key(s) {sorted(rope)}; known: rope_type, rope_theta, "
+                         "mrope_section, mrope_interleaved")
+
+
+def _checked(cls, d, where, skip=(), file=None):
     """Refuse keys the dataclass does not know: a typo must never be silently ignored."""
     known = {f.name for f in fields(cls)} - set(skip)
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"{file + ': ' if file else ''}unknown {where} key(s) {unknown}; known: {sorted(known)}")
     return d
 
 
-def _build(cls, d, where):
-    return cls(**_checked(cls, d, where))
+def _build(cls, d, where, file=None):
+    return cls(**_checked(cls, d, where, file=file))
 
 
 def trained_tokenizer_ids(vocab_size):
@@ -905,11 +1016,29 @@ class Qwen3VL(nn.Module):
             model.lm_head.weight = model.language_model.embed_tokens.weight
         return model.to(device=device, dtype=dtype)
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json and safetensors shards that `transformers` loads; files appear atomically."""
+    def save_pretrained(self, path, format="v5", expert_layout=None, max_shard_bytes=5 * 2**30, processor=None,
+                        tokenizer=None):
+        """
+        Write config.json and safetensors shards that `transformers` loads; files appear atomically.
+        format: "v5" (transformers 5, the default) or "v4" (transformers 4.57), see HF_FORMATS.
+        expert_layout (MoE): one of moe.EXPERT_LAYOUTS; by default the format's own ("fused_out_in" for v5,
+        "fused_in_out" for v4, the layout of the released checkpoints).
+        processor / tokenizer: also write their files (Processor.save_pretrained, Tokenizer.save_hf: the
+        preprocessor configs, tokenizer.json, the chat template) and generation_config.json (the tokenizer's stop
+        and padding ids), making a directory that transformers' AutoModelForImageTextToText, AutoProcessor and
+        AutoTokenizer load. A processor brings its tokenizer.
+        """
         from safetensors.torch import save_file
+        if format not in HF_FORMATS:
+            raise ValueError(f"unknown checkpoint format {format!r}; choose one of {sorted(HF_FORMATS)}")
+        if expert_layout is not None and expert_layout not in EXPERT_LAYOUTS:
+            raise ValueError(f"unknown expert layout {expert_layout!r}; choose one of {sorted(EXPERT_LAYOUTS)}")
+        tokenizer = tokenizer or getattr(processor, "tok", None)
+        if tokenizer is not None and tokenizer.n_vocab > self.cfg.text.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids, the model's embedding "
+                             f"{self.cfg.text.vocab_size} rows")
         os.makedirs(path, exist_ok=True)
-        hf = self._to_hf_state_dict()
+        hf = self._to_hf_state_dict(expert_layout or HF_EXPERT_LAYOUT[format])
         shards, size = [[]], 0
         for key, t in hf.items():
             nbytes = t.numel() * t.element_size()
@@ -926,25 +1055,36 @@ class Qwen3VL(nn.Module):
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())},
                      "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
             _atomic(os.path.join(path, "model.safetensors.index.json"), lambda p: _write_json(index, p))
-        hf_cfg = {**self.cfg.to_hf_dict(), "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        hf_cfg = {**self.cfg.to_hf_dict(format), "dtype" if format == "v5" else "torch_dtype": dtype}
         _atomic(os.path.join(path, "config.json"), lambda p: _write_json(hf_cfg, p))
+        if processor is not None:
+            processor.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_hf(path)
+            generation = {"bos_token_id": tokenizer.endoftext_id, "eos_token_id": tokenizer.eos_ids,
+                          "pad_token_id": tokenizer.pad_id}
+            _atomic(os.path.join(path, "generation_config.json"), lambda p: _write_json(generation, p))
 
     def checkpoint_tensors(self, path):
         """
         Yield (our parameter name, tensor) from a Hugging Face checkpoint directory one tensor at a time, after
         checking every name and shape against this model: missing, unexpected or mis-shaped tensors are an error
         naming them, and so is a tensor stored twice or in a dtype other than a float one (F16, BF16, F32, F64;
-        quantized or integer tensors are refused before any is read). Tensors come in their stored dtype.
-        With tied embeddings `lm_head.weight` is not yielded (the checkpoint may or may not store it).
-        A sharded trainer places each tensor and drops it, never holding the whole model (train.py).
+        quantized or integer tensors are refused before any is read). Tensors come in their stored dtype. MoE
+        experts are read in whichever layout of moe.EXPERT_LAYOUTS the files hold (found from their names and
+        shapes, layer by layer). With tied embeddings `lm_head.weight` is not yielded (the checkpoint may or may not
+        store it). A sharded trainer places each tensor and drops it, never holding the whole model (train.py).
         """
         from contextlib import ExitStack
         from safetensors import safe_open
         ours = {k: v.shape for k, v in self.state_dict().items()}
         if self.cfg.tie_word_embeddings:
             ours.pop("lm_head.weight")
+        experts = {n.removesuffix(".gate_up_proj") for n in ours if n.endswith(".mlp.experts.gate_up_proj")}
         with ExitStack() as stack:
             where, unexpected = {}, []                       # our name -> (open file, checkpoint key)
+            expert_parts = {}                     # experts prefix -> {key below it: (open file, key, shape, file)}
             for file in checkpoint_files(path):
                 try:
                     f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
@@ -953,6 +1093,10 @@ class Qwen3VL(nn.Module):
                     raise ValueError(f"cannot read safetensors file {file!r}: {e}") from e
                 for key, (shape, dtype) in keys.items():
                     name = _hf_to_ours(key)
+                    prefix = name.split(".experts.")[0] + ".experts"
+                    if prefix in experts:
+                        expert_parts.setdefault(prefix, {})[name[len(prefix) + 1:]] = (f, key, shape, file)
+                        continue
                     if name not in ours:
                         if not (key == "lm_head.weight" and self.cfg.tie_word_embeddings):
                             unexpected.append(key)
@@ -968,7 +1112,15 @@ class Qwen3VL(nn.Module):
                         raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, the config expects "
                                          f"{list(ours[name])}")
                     where[name] = (f, key)
-            missing = sorted(set(ours) - set(where))
+            layouts = {}
+            for prefix, parts in expert_parts.items():
+                t = self.cfg.text
+                files = ", ".join(sorted({file for *_, file in parts.values()}))
+                layouts[prefix] = expert_layout_of({k: s for k, (_, _, s, _) in parts.items()}, t.num_experts,
+                                                   t.hidden_size, t.moe_intermediate_size,
+                                                   where=f"{files}: {_ours_to_hf(prefix)}")
+            found = set(where) | {f"{p}.{w}" for p in layouts for w in ("gate_up_proj", "down_proj")}
+            missing = sorted(set(ours) - found)
             if missing or unexpected:
                 raise ValueError(f"checkpoint does not match the config: missing {missing[:10]}"
                                  f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected "
@@ -976,12 +1128,27 @@ class Qwen3VL(nn.Module):
             for name, (f, key) in where.items():
                 t = f.get_tensor(key)
                 yield name, t.reshape(ours[name]) if name == PATCH_EMBED else t
+            for prefix, layout in layouts.items():
+                parts = expert_parts[prefix]
+                gate_up, down = experts_from_checkpoint(layout, lambda k: parts[k][0].get_tensor(parts[k][1]),
+                                                        self.cfg.text.num_experts)
+                yield f"{prefix}.gate_up_proj", gate_up
+                yield f"{prefix}.down_proj", down
 
-    def _to_hf_state_dict(self):
+    def _to_hf_state_dict(self, expert_layout="fused_out_in"):
+        """Our tensors under the checkpoint's key names (HF_PREFIXES), experts in `expert_layout`."""
         v = self.cfg.vision
+        sd = self.state_dict()
         hf = {}
-        for name, t in self.state_dict().items():
+        for name, t in sd.items():
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            if name.endswith(".mlp.experts.down_proj"):    # written with its gate_up_proj
+                continue
+            if name.endswith(".mlp.experts.gate_up_proj"):
+                prefix = name.removesuffix("gate_up_proj")
+                for k, w in experts_to_checkpoint(t, sd[prefix + "down_proj"], expert_layout).items():
+                    hf[_ours_to_hf(prefix + k)] = w.detach().contiguous()
                 continue
             if name == PATCH_EMBED:                        # Linear [D, 1536] -> Conv3d [D, 3, 2, 16, 16]
                 t = t.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -1007,11 +1174,7 @@ def read_hf_config(path):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{os.fspath(path)!r} is not a Qwen3-VL checkpoint directory: no config.json")
-    hf = read_json(cfg_file)
-    try:
-        return Qwen3VLConfig.from_hf_dict(hf)
-    except (TypeError, ValueError) as e:                  # the same error, saying which checkpoint it is in
-        raise type(e)(f"{os.fspath(path)!r}: {e}") from e
+    return Qwen3VLConfig.from_hf_dict(read_json(cfg_file), where=cfg_file)
 
 
 def checkpoint_files(path):

@@ -1,13 +1,15 @@
 """
 The Qwen3-VL-MoE sparse block (30B-A3B, 235B-A22B): a router sends each token to k of E SwiGLU experts
-(reference §4; Hugging Face `Qwen3VLMoeTextSparseMoeBlock`, transformers 4.57.6 modeling_qwen3_vl_moe.py).
+(reference §4; Hugging Face `Qwen3VLMoeTextSparseMoeBlock`, modeling_qwen3_vl_moe.py of transformers 4.57 and 5).
 
 Notable features
 - Router: a bias-free linear H -> E; softmax in float32 over ALL E experts, then the top k. The k weights are
   always renormalised to sum to 1 (the reference ignores `norm_topk_prob`, §7.12) and cast back to the activation
   dtype. No shared expert, no expert bias, no routed scaling factor.
-- Experts stored fused, exactly as in the checkpoint (x @ W layout): `experts.gate_up_proj` [E, H, 2I], columns
-  [:I] the gate and [I:] the up projection, and `experts.down_proj` [E, I, H].
+- Experts stored fused, as in the released checkpoints (x @ W layout): `experts.gate_up_proj` [E, H, 2I], columns
+  [:I] the gate and [I:] the up projection, and `experts.down_proj` [E, I, H]. Checkpoint files in the other
+  layouts (transformers 5's transposed tensors, one nn.Linear per expert) are read and written through
+  EXPERT_LAYOUTS, told apart by their names and shapes.
 - Two execution paths, same maths (`SparseMoeBlock.impl`, or `set_impl(model, ...)` for a whole model):
     "loop"     for each expert: gather the tokens routed to it, run its SwiGLU, add the weighted output back.
                The one to read; its shapes depend on the routing, so every expert costs a host sync.
@@ -183,3 +185,70 @@ def _real_tokens(attention_mask, probs):
     if attention_mask.numel() != T:
         raise ValueError(f"attention_mask has {attention_mask.numel()} entries, the router logits {T} tokens")
     return attention_mask.reshape(T).to(probs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The expert weights in checkpoint files. In memory they are always `gate_up_proj` [E, H, 2I] and `down_proj`
+# [E, I, H] (x @ W); files hold one of these layouts (keys below `...mlp.experts.`), told apart by their key
+# names and shapes, never by which library is assumed to have written them:
+
+EXPERT_LAYOUTS = {
+    "fused_in_out": "gate_up_proj [E, H, 2I] and down_proj [E, I, H] (x @ W): the released Qwen3-VL-MoE "
+                    "checkpoints and transformers 4.57",
+    "fused_out_in": "gate_up_proj [E, 2I, H] and down_proj [E, H, I] (nn.Linear's [out, in]): transformers 5",
+    "per_expert": "{e}.gate_proj.weight, {e}.up_proj.weight [I, H] and {e}.down_proj.weight [H, I] for each "
+                  "expert e (one nn.Linear each, as Qwen3-MoE and some quantised exports store them)",
+}
+_PER_EXPERT = ("gate_proj", "up_proj", "down_proj")
+
+
+def experts_to_checkpoint(gate_up_proj, down_proj, layout):
+    """Our expert weights [E, H, 2I], [E, I, H] -> {key below `experts.`: tensor} in a layout of EXPERT_LAYOUTS."""
+    if layout == "fused_in_out":
+        return {"gate_up_proj": gate_up_proj, "down_proj": down_proj}
+    if layout == "fused_out_in":
+        return {"gate_up_proj": gate_up_proj.transpose(1, 2).contiguous(),
+                "down_proj": down_proj.transpose(1, 2).contiguous()}
+    if layout == "per_expert":
+        I = down_proj.shape[1]
+        out = {}
+        for e, (w_gate_up, w_down) in enumerate(zip(gate_up_proj.unbind(0), down_proj.unbind(0))):
+            out.update({f"{e}.gate_proj.weight": w_gate_up[:, :I].T.contiguous(),        # [I, H]
+                        f"{e}.up_proj.weight": w_gate_up[:, I:].T.contiguous(),          # [I, H]
+                        f"{e}.down_proj.weight": w_down.T.contiguous()})                 # [H, I]
+        return out
+    raise ValueError(f"unknown expert layout {layout!r}; choose one of {sorted(EXPERT_LAYOUTS)}")
+
+
+def expert_layout_of(shapes, num_experts, dim, hidden, where="experts"):
+    """
+    The layout of one layer's expert tensors. shapes: {key below `experts.`: shape}; dim H, hidden I. Both fused
+    tensors together settle the orientation even where one alone cannot (gate_up_proj when 2I == H, down_proj
+    when I == H: a loader that looks at one tensor at a time, as transformers 5's does, cannot tell). Anything
+    that fits no layout is an error naming `where`, the keys and shapes found, and the layouts expected.
+    """
+    E, H, I = num_experts, dim, hidden
+    expected = {"fused_in_out": {"gate_up_proj": [E, H, 2 * I], "down_proj": [E, I, H]},
+                "fused_out_in": {"gate_up_proj": [E, 2 * I, H], "down_proj": [E, H, I]},
+                "per_expert": {f"{e}.{p}.weight": [H, I] if p == "down_proj" else [I, H]
+                               for e in range(E) for p in _PER_EXPERT}}
+    found = {k: list(s) for k, s in shapes.items()}
+    for layout, want in expected.items():
+        if found == want:
+            return layout
+    summary = found if len(found) <= 4 else {k: found[k] for k in sorted(found)[:4]} | {"...": f"{len(found)} keys"}
+    raise ValueError(f"{where}: the expert tensors {summary} fit no known layout; expected (E={E}, H={H}, I={I}) "
+                     + "; or ".join(f"{name}: {EXPERT_LAYOUTS[name]}" for name in expected))
+
+
+def experts_from_checkpoint(layout, get, num_experts):
+    """One layer's experts in our layout, read with get(key below `experts.`) -> tensor from a checkpoint in
+    `layout` (expert_layout_of). Returns gate_up_proj [E, H, 2I], down_proj [E, I, H]."""
+    if layout == "fused_in_out":
+        return get("gate_up_proj"), get("down_proj")
+    if layout == "fused_out_in":
+        return get("gate_up_proj").transpose(1, 2).contiguous(), get("down_proj").transpose(1, 2).contiguous()
+    gate_up = torch.stack([torch.cat([get(f"{e}.gate_proj.weight"), get(f"{e}.up_proj.weight")]).T
+                           for e in range(num_experts)])                               # [E, H, 2I]
+    down = torch.stack([get(f"{e}.down_proj.weight").T for e in range(num_experts)])   # [E, I, H]
+    return gate_up.contiguous(), down.contiguous()

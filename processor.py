@@ -273,9 +273,52 @@ class Processor:
         self.image_mean, self.image_std = image_mean, image_std
 
     def normalize(self, frames):
-        """uint8 [T, H, W, 3] -> float32 [T, 3, H, W], (x/255 - mean) / std."""
+        """uint8 [T, H, W, 3] -> float32 [T, 3, H, W], (x/255 - mean) / std (one value, or one per channel)."""
         x = torch.tensor(frames).permute(0, 3, 1, 2).float() / 255                # copy: PIL arrays are read-only
-        return (x - self.image_mean) / self.image_std
+        mean, std = (torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (self.image_mean, self.image_std))
+        return (x - mean) / std
+
+    # ------------------------------------------------------------------------------------------------ files
+    def save_pretrained(self, path):
+        """
+        preprocessor_config.json (images) and video_preprocessor_config.json in the layout of the reference's
+        Qwen2VLImageProcessor and Qwen3VLVideoProcessor, so that transformers' AutoProcessor (with the tokenizer's
+        files, Tokenizer.save_hf) processes like this one: the same pixels with its PIL backend.
+        """
+        os.makedirs(path, exist_ok=True)
+        per_channel = [[float(v)] * 3 if np.isscalar(v) else [float(c) for c in v]
+                       for v in (self.image_mean, self.image_std)]
+        common = {**PROCESSOR_FIXED, "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                  "merge_size": self.merge_size, "image_mean": per_channel[0], "image_std": per_channel[1],
+                  "processor_class": "Qwen3VLProcessor"}
+        image = {**common, "image_processor_type": "Qwen2VLImageProcessor",
+                 "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+        video = {**common, "video_processor_type": "Qwen3VLVideoProcessor", **VIDEO_FIXED,
+                 "size": {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels},
+                 "fps": self.video_fps, "min_frames": self.video_min_frames, "max_frames": self.video_max_frames}
+        for name, config in (("preprocessor_config.json", image), ("video_preprocessor_config.json", video)):
+            with open(os.path.join(path, name), "w") as f:
+                json.dump(config, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path, tok, **overrides):
+        """
+        The processor of a checkpoint directory (with tokenizer `tok`): preprocessor_config.json and
+        video_preprocessor_config.json in the reference's layout (size.shortest_edge / longest_edge: the pixel
+        budgets), or ours with min_pixels / max_pixels; the released defaults for a file that is missing. A key
+        asking for processing this class does not do, or one it does not know, is an error naming the file.
+        `overrides` (e.g. min_pixels) replace what the files say.
+        """
+        kw = {}
+        for name, video in (("preprocessor_config.json", False), ("video_preprocessor_config.json", True)):
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                with open(file) as f:
+                    for key, value in _processor_kwargs(json.load(f), video, file).items():
+                        if kw.setdefault(key, value) != value:    # patch sizes, mean, std: one for both
+                            raise ValueError(f"{file}: {key} is {value!r}, preprocessor_config.json says "
+                                             f"{kw[key]!r}; this processor has one value for images and videos")
+        return cls(tok, **{**kw, **overrides})
 
     def process_image(self, image):
         """One image -> pixel rows [t*h*w, 3*2*16*16] float32, grid (1, h, w)."""
@@ -393,6 +436,52 @@ class Processor:
         if return_text:
             batch["text"] = [tok.decode(ids) for ids, _ in rows]
         return batch
+
+
+# The reference's processor config keys whose values are what Processor does (any other value is refused), and keys
+# that do not change the result, each with the reason.
+PROCESSOR_FIXED = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+                   "do_normalize": True, "resample": 3}                       # resample 3: bicubic
+VIDEO_FIXED = {"do_sample_frames": True, "cap_pixels_per_frame": False}    # frames sampled at fps, one clip budget
+PROCESSOR_HARMLESS = {
+    "image_processor_type": "the reference's class name",
+    "video_processor_type": "the reference's class name",
+    "processor_class": "the reference's class name",
+    "data_format": "channels_first is the only layout the reference's Qwen processors write",
+    "return_metadata": "whether the reference returns video metadata; the timestamps are computed here either way",
+    "max_video_tokens": "the per-frame cap that cap_pixels_per_frame turns on (off here)",
+}
+
+
+def _processor_kwargs(config, video, file):
+    """Processor keyword arguments from one preprocessor config file (images, or videos with video=True)."""
+    config = dict(config)
+    for key, want in {**PROCESSOR_FIXED, **(VIDEO_FIXED if video else {})}.items():
+        if key in config and config.pop(key) != want:
+            raise ValueError(f"{file}: {key} must be {want!r} (what this processor does)")
+    for key in PROCESSOR_HARMLESS:
+        config.pop(key, None)
+    prefix = "video_" if video else ""
+    kw = {}
+    size = config.pop("size", {})
+    for edge, key in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
+        value = config.pop(key, size.pop(edge, None))            # ours: min_pixels / max_pixels; the reference: size
+        if value is not None:
+            kw[prefix + key] = value
+    if size:
+        raise ValueError(f"{file}: unknown size key(s) {sorted(size)}; expected shortest_edge and longest_edge "
+                         "(the pixel budget)")
+    names = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size", "merge_size": "merge_size",
+             "image_mean": "image_mean", "image_std": "image_std"}
+    if video:
+        names.update(fps="video_fps", min_frames="video_min_frames", max_frames="video_max_frames")
+    for key, arg in names.items():
+        if key in config:
+            kw[arg] = config.pop(key)
+    if config:
+        raise ValueError(f"{file}: unknown key(s) {sorted(config)}; known: "
+                         f"{sorted({**names, 'size': 0, **PROCESSOR_FIXED, **PROCESSOR_HARMLESS})}")
+    return kw
 
 
 # ---------------------------------------------------------------------------------------------------------- grounding

@@ -245,7 +245,7 @@ def load(path, device="cpu", dtype=None):
 def load_processor(path):
     """
     (checkpoint directory, tokenizer, processor) of what `load` takes, with the image pixel budgets the model was
-    trained with (read_budgets; the Processor bounds them). Reads no weights. FileNotFoundError without the
+    trained with (Processor.from_pretrained; the Processor bounds them). Reads no weights. FileNotFoundError without the
     directory; ValueError / TypeError naming the file for bad budgets.
     """
     from processor import Processor
@@ -256,9 +256,8 @@ def load_processor(path):
                                 "safetensors and the tokenizer files)")
     path = checkpoint_dir(path) or path                # one of train.py's checkpoints (or its run's folder)
     tok = Tokenizer.from_pretrained(path)
-    budgets = read_budgets(path)
     try:
-        return path, tok, Processor(tok, **budgets)
+        return path, tok, Processor.from_pretrained(path, tok)
     except (TypeError, ValueError) as e:                  # the same error, saying which file it comes from
         raise type(e)(f"{os.path.join(path, 'preprocessor_config.json')!r}: {e}") from e
 
@@ -269,22 +268,6 @@ def load_model(path, device="cpu", dtype=None):
     if checkpoint_dir(path):
         return load_trained(path, device, dtype).eval()
     return Qwen3VL.from_pretrained(path, device=device, dtype=dtype).eval()
-
-
-def read_budgets(path):
-    """The image pixel budgets a checkpoint was trained with: ours write min/max_pixels, Hugging Face
-    size.shortest/longest_edge; {} without a preprocessor_config.json. ValueError / TypeError naming the file for
-    one that is not a JSON object with an object `size`."""
-    file = os.path.join(path, "preprocessor_config.json")
-    if not os.path.isfile(file):
-        return {}
-    pre = read_json(file)
-    size = pre.get("size", {})
-    if not isinstance(size, dict):
-        raise TypeError(f"{file!r}: size={size!r}: must be a JSON object")
-    budgets = dict(min_pixels=pre.get("min_pixels", size.get("shortest_edge")),
-                   max_pixels=pre.get("max_pixels", size.get("longest_edge")))
-    return {k: v for k, v in budgets.items() if v is not None}
 
 
 class TextStream:

@@ -11,10 +11,15 @@ Notable features
 - `Tokenizer.from_pretrained`: a tiktoken ranks file (default `data/qwen.tiktoken`, see data/get_tokenizer.py) or
   a Hugging Face checkpoint directory (`tokenizer.json`, or `vocab.json` + `merges.txt`).
 - `Tokenizer.train`: a small byte-level BPE trainer (pair counts updated incrementally, a lazy max-heap).
-- `apply_chat_template`: the Qwen3-VL Instruct template written out in Python, with the mask of the assistant tokens
-  that SFT trains on. Only the template writes special tokens: `<|im_start|>` typed inside a message is plain text.
+- Chat templates: a checkpoint's own Jinja template (chat_template.jinja, chat_template.json or tokenizer_config.json)
+  formats its prompts, rendered as the Hugging Face stack renders it; without one, the Qwen3-VL Instruct or Thinking
+  template written out in Python (`render_chat`). Either way with the mask of the assistant tokens that SFT trains on.
+  The Python template writes the only special tokens: `<|im_start|>` typed inside a message is plain text there
+  (a Jinja template's text is tokenized as Hugging Face does, special-token strings included).
 """
 import base64
+import datetime
+import functools
 import heapq
 import importlib.util
 import json
@@ -23,6 +28,9 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import regex  # installed with tiktoken (its own dependency); the trainer splits text with it exactly like tiktoken
 import tiktoken
 
@@ -122,13 +130,32 @@ def ranks_from_hf_bpe(vocab, merges):
     return ranks
 
 
+def bpe_merge(ranks, token):
+    """
+    The last merge that makes `token` in byte-level BPE ranks {token bytes: id} -> (left, right): its bytes merged
+    as tiktoken merges them, with only the ranks below its own, until two parts are left. (The Hugging Face files
+    list merges; tiktoken keeps only the ranks. Merges listed in rank order rebuild tiktoken's encoding.)
+    """
+    rank, parts = ranks[token], [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, i = min((ranks.get(parts[j] + parts[j + 1], rank), j) for j in range(len(parts) - 1))
+        if best >= rank:
+            raise ValueError(f"token {token!r} (id {rank}) cannot be built from tokens of lower ids: not a BPE "
+                             "vocabulary")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with Qwen3-VL's special tokens and chat template."""
 
-    def __init__(self, ranks, special_tokens=None, pattern=QWEN_PATTERN, normalize=True, name="qwen"):
+    def __init__(self, ranks, special_tokens=None, pattern=QWEN_PATTERN, normalize=True, name="qwen",
+                 chat_template=None, chat_template_file="chat_template", thinking=False):
         """
         ranks: {token bytes: id} with ids 0..len-1. special_tokens: {token text: id}; by default SPECIAL_TOKENS at
         len(ranks), len(ranks)+1, ... normalize: NFC-normalise text before tokenizing (as the HF tokenizer does).
+        chat_template: a Jinja chat template (a checkpoint's own; `chat_template_file` names it in errors), or None
+        for the Python template (render_chat) in its Instruct flavour, or its Thinking flavour with thinking=True.
         """
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError("BPE ranks must be the ids 0..n-1, each once")
@@ -151,6 +178,8 @@ class Tokenizer:
         self.eos_ids = [self.im_end_id, self.endoftext_id]                # generation_config.json: [151645, 151643]
         self.control_ids = {self.special[t] for t in CONTROL_TOKENS if t in self.special}
         self.special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
+        self.chat_template, self.chat_template_file, self.thinking = chat_template, chat_template_file, thinking
+        self._generation_prompt = (None, None)           # (template, its generation prompt), computed once
         self.assistant_re = re.compile("|".join([re.escape(t) for t in ASSISTANT_TOKENS if t in self.special])
                                        or "(?!)")                        # (?!) never matches
 
@@ -160,7 +189,8 @@ class Tokenizer:
         """
         path: a tiktoken ranks file (default data/qwen.tiktoken); or a checkpoint directory with one of
         tokenizer.tiktoken (ours, written by `save`), tokenizer.json (Hugging Face), or vocab.json + merges.txt
-        (+ added_tokens.json / tokenizer_config.json; the older Hugging Face files).
+        (+ added_tokens.json / tokenizer_config.json; the older Hugging Face files), and the directory's chat
+        template if it has one (read_chat_template).
         """
         path = default_ranks_path() if path is None else os.fspath(path)
         if not os.path.exists(path):
@@ -168,6 +198,12 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer at {path}{hint}")
         if not os.path.isdir(path):
             return cls(read_tiktoken_file(path))
+        tok = cls._from_directory(path)
+        tok.chat_template, tok.chat_template_file = read_chat_template(path)
+        return tok
+
+    @classmethod
+    def _from_directory(cls, path):
         if os.path.exists(os.path.join(path, "tokenizer.tiktoken")):
             return cls(read_tiktoken_file(os.path.join(path, "tokenizer.tiktoken")))
         if os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -220,6 +256,49 @@ class Tokenizer:
         with open(path, "wb") as f:
             for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
                 f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+    def save_hf(self, path):
+        """
+        The Hugging Face files of this tokenizer in directory `path`: tokenizer.json (byte-level BPE: the ranks as
+        the vocabulary, the merges that rebuild them, the split regex, NFC, the added tokens), tokenizer_config.json
+        and, if the tokenizer has a checkpoint's chat template, chat_template.jinja. transformers' AutoTokenizer
+        loads the directory and gives the same ids, and so does Tokenizer.from_pretrained.
+        """
+        os.makedirs(path, exist_ok=True)
+        b2u = bytes_to_unicode()
+
+        def text(token):
+            return "".join(b2u[b] for b in token)
+
+        by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                  "special": t in CONTROL_TOKENS} for t, i in sorted(self.special.items(), key=lambda kv: kv[1])]
+        spec = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"} if self.normalize else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                byte_level]},
+            "post_processor": byte_level, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {text(token): i for token, i in by_rank},
+                      "merges": [[text(a), text(b)] for a, b in (bpe_merge(self.ranks, token) for token, _ in by_rank
+                                                                 if len(token) > 1)]},
+        }
+        config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "unk_token": None,
+                  "eos_token": self.id_to_special[self.im_end_id], "pad_token": self.id_to_special[self.pad_id],
+                  "add_prefix_space": False, "clean_up_tokenization_spaces": False, "errors": "replace",
+                  "split_special_tokens": False,
+                  "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}}
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+        if self.chat_template is not None:
+            with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
 
     # ------------------------------------------------------------------------------------------------ training
     @classmethod
@@ -371,37 +450,162 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------------ chat
     def apply_chat_template(self, messages, add_generation_prompt=False, return_assistant_mask=False,
-                            add_vision_id=False, tools=None, tokenize=True, vision=None):
+                            add_vision_id=False, tools=None, tokenize=True, vision=None, thinking=None,
+                            **template_kwargs):
         """
-        Render `messages` with the Qwen3-VL Instruct chat template (reference §5.3), then tokenize.
+        Render `messages` with the checkpoint's chat template (self.chat_template, Jinja), or without one with the
+        Python template (render_chat: Qwen3-VL Instruct, or Thinking with thinking=True / self.thinking), then
+        tokenize.
 
         messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str | [item, ...],
-                    "tool_calls": [...] (assistant, optional)}], item = {"type": "text", "text": ...} |
-                  {"type": "image", "image": ...} | {"type": "video", "video": ...}.
+                    "tool_calls": [...], "reasoning_content": str (assistant, optional)}],
+                  item = {"type": "text", "text": ...} | {"type": "image", "image": ...} | {"type": "video", ...}.
         add_vision_id: write "Picture n: " / "Video n: " before each image / video.
         tools: list of JSON-schema dicts, listed in the system turn.
         vision: optional callable(item, kind) -> pieces (str or token id) that replace an image's / video's
                 `<|vision_start|><|image_pad|><|vision_end|>` (the Processor's expansion to the real token count).
+        template_kwargs: more variables for a Jinja template (e.g. enable_thinking of some templates).
         Returns ids, or (ids, mask) with return_assistant_mask, or the text with tokenize=False.
 
-        The mask marks what the model must learn to write: every assistant message's content, its tool calls and
-        its closing <|im_end|>. Not the "<|im_start|>assistant\\n" header (the template writes it, also at inference)
-        and not the "\\n" after <|im_end|>: generation stops at <|im_end|>, so that newline is never sampled.
+        The mask marks what the model must learn to write: each assistant turn after what the template's
+        generation prompt writes ("<|im_start|>assistant\\n", and "<think>\\n" for Thinking models) through its
+        closing <|im_end|>: content, reasoning, tool calls. Not the "\\n" after <|im_end|>: generation stops at
+        <|im_end|>, so that newline is never sampled.
 
-        Differences from the Jinja template, all on inputs it would silently mis-render: a system message that is
-        not first, an image in a system/assistant message, an unknown role or content item raise ValueError
-        (the template drops them); content None is empty text (the template fails). Messages that are not dicts,
-        content that is not a string / list / None, text that is not a string, malformed tool calls or tools that
-        JSON cannot write raise TypeError. Lone UTF-16 surrogates become U+FFFD in every turn.
+        Messages that are not dicts, content that is not a string / list / None, text that is not a string,
+        malformed tool calls or tools that JSON cannot write raise TypeError. Lone UTF-16 surrogates become U+FFFD
+        in every turn.
         """
-        pieces = self.render_chat(messages, add_generation_prompt, add_vision_id, tools, vision)
+        if self.chat_template is not None:
+            if thinking is not None:
+                raise ValueError(f"thinking= picks the flavour of the Python template; this tokenizer formats chats "
+                                 f"with its checkpoint's template ({self.chat_template_file})")
+            text = self.render_template(messages, add_generation_prompt, add_vision_id=add_vision_id, tools=tools,
+                                        **template_kwargs)
+            pieces = self.template_pieces(text, messages, vision, mask=return_assistant_mask)
+        else:
+            if template_kwargs:
+                raise ValueError(f"the Python chat template takes no {sorted(template_kwargs)} (only a checkpoint's "
+                                 "Jinja template reads extra variables)")
+            thinking = self.thinking if thinking is None else thinking
+            pieces = self.render_chat(messages, add_generation_prompt, add_vision_id, tools, vision, thinking)
         if not tokenize:
             return "".join(p if isinstance(p, str) else self.id_to_special[p] for p, _ in pieces)
         ids, mask = self.encode_pieces(pieces)
         return (ids, mask) if return_assistant_mask else ids
 
-    def render_chat(self, messages, add_generation_prompt=False, add_vision_id=False, tools=None, vision=None):
-        """The chat template: messages -> [(str | special id, trainable)]. Mirrors the Jinja template step by step."""
+    # -- a checkpoint's Jinja template, rendered as the Hugging Face stack renders it
+
+    def render_template(self, messages, add_generation_prompt=False, **context):
+        """self.chat_template rendered to text, in a sandbox with Hugging Face's settings and helpers."""
+        if not messages:
+            raise ValueError("no messages to render")
+        try:
+            return _jinja(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=None, eos_token=self.id_to_special[self.im_end_id], pad_token=self.id_to_special[self.pad_id],
+                **context)
+        except jinja2.TemplateError as e:
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise ValueError(f"{self.chat_template_file}: the chat template failed to render{line}: "
+                             f"{type(e).__name__}: {e}") from e
+        except Exception as e:     # a template that expects other messages (a missing key, a wrong type)
+            raise ValueError(f"{self.chat_template_file}: the chat template failed to render these messages: "
+                             f"{type(e).__name__}: {e}") from e
+
+    def generation_prompt(self):
+        """What self.chat_template writes for add_generation_prompt=True ("<|im_start|>assistant\\n" for Qwen3-VL
+        Instruct, with "<think>\\n" for Thinking)."""
+        if self._generation_prompt[0] == self.chat_template:
+            return self._generation_prompt[1]
+        messages = [{"role": "user", "content": "?"}]
+        without, with_prompt = (self.render_template(messages, flag) for flag in (False, True))
+        if not with_prompt.startswith(without) or not with_prompt[len(without):].startswith(ASSISTANT_HEADER):
+            raise ValueError(f"{self.chat_template_file}: the chat template's generation prompt is "
+                             f"{with_prompt[len(without):]!r}; the assistant mask expects one that starts with "
+                             f"{ASSISTANT_HEADER!r} (ChatML)")
+        self._generation_prompt = (self.chat_template, with_prompt[len(without):])
+        return self._generation_prompt[1]
+
+    def template_pieces(self, text, messages, vision=None, mask=True):
+        """
+        Rendered text -> [(str | special id, trainable)]. Every special-token string becomes its token, as Hugging
+        Face tokenizes a rendered template. Trainable (with mask=True): each assistant turn
+        ("<|im_start|>assistant\\n" ... through <|im_end|>) after the generation prompt; the number of turns must
+        equal the assistant messages. With `vision`, each image's / video's placeholder triple is replaced by
+        vision(item, kind), in message order.
+        """
+        trainable = [False] * len(text)
+        end = self.id_to_special[self.im_end_id]
+        closed = 0
+        for turn in re.finditer(re.escape(ASSISTANT_HEADER), text) if mask else ():
+            stop = text.find(end, turn.start())
+            if stop < 0:
+                continue                                 # the generation prompt: nothing written yet
+            opener = self.generation_prompt()
+            first = turn.start() + len(opener if text.startswith(opener, turn.start()) else ASSISTANT_HEADER)
+            trainable[first:stop + len(end)] = [True] * (stop + len(end) - first)
+            closed += 1
+        n_assistant = sum(m.get("role") == "assistant" for m in messages)
+        if mask and closed != n_assistant:
+            raise ValueError(f"{self.chat_template_file}: the rendered chat has {closed} assistant turns, the "
+                             f"messages {n_assistant} assistant messages (does a message hold {ASSISTANT_HEADER!r}?)")
+        pieces, pos = [], 0
+
+        def add_text(a, b):                              # text[a:b], cut where the trainable flag changes
+            while a < b:
+                c = a
+                while c < b and trainable[c] == trainable[a]:
+                    c += 1
+                pieces.append((text[a:c], trainable[a]))
+                a = c
+
+        for m in self.special_re.finditer(text):
+            add_text(pos, m.start())
+            pieces.append((self.special[m.group()], trainable[m.start()]))
+            pos = m.end()
+        add_text(pos, len(text))
+        return self._expand_vision(pieces, messages, vision) if vision else pieces
+
+    def _expand_vision(self, pieces, messages, vision):
+        items = [(content_kind(item), item) for message in messages if isinstance(message.get("content"), list)
+                 for item in message["content"] if content_kind(item) != "text"]
+        pads = {self.image_token_id: "image", self.video_token_id: "video"}
+        out, i, k = [], 0, 0
+        while i < len(pieces):
+            triple = [p for p, _ in pieces[i:i + 3]]
+            if len(triple) == 3 and triple[0] == self.vision_start_id and triple[1] in pads \
+                    and triple[2] == self.vision_end_id:
+                kind = pads[triple[1]]
+                if k >= len(items) or items[k][0] != kind:
+                    raise ValueError(f"{self.chat_template_file}: the chat template wrote {kind} placeholder "
+                                     f"{k + 1}, but the messages' {k + 1}th image or video is "
+                                     f"{items[k][0] if k < len(items) else 'missing'}")
+                out.extend((p, False) for p in vision(items[k][1], kind))
+                k, i = k + 1, i + 3
+            else:
+                out.append(pieces[i])
+                i += 1
+        if k != len(items):
+            raise ValueError(f"{self.chat_template_file}: the chat template wrote {k} image/video placeholders for "
+                             f"the {len(items)} images and videos in the messages")
+        return out
+
+    # -- the Python template: Qwen3-VL's, for checkpoints without a Jinja template
+
+    def render_chat(self, messages, add_generation_prompt=False, add_vision_id=False, tools=None, vision=None,
+                    thinking=False):
+        """
+        The Qwen3-VL chat template written out in Python: messages -> [(str | special id, trainable)]. Instruct
+        (thinking=False) or Thinking: the Thinking template opens the reply with "<think>\\n", writes an assistant
+        turn after the last user query as "<think>\\n{reasoning}\\n</think>\\n\\n{answer}" (reasoning from
+        "reasoning_content" or from the content's <think>...</think>), earlier turns without their reasoning, and
+        renders system messages after the first.
+
+        Differences from the Jinja templates, all on inputs they would silently mis-render: an image in a
+        system/assistant message, an unknown role or content item, and (Instruct) a system message that is not
+        first raise ValueError; content None is empty text (the templates fail).
+        """
         if not isinstance(messages, (list, tuple)):
             raise TypeError(f"messages={type(messages).__name__}: must be a list of message dicts")
         if not messages:
@@ -440,6 +644,9 @@ class Tokenizer:
                 items.append((kind, item["text"] if kind == "text" else item))
             return items
 
+        def text_of(content, role):
+            return "".join(t for _, t in content_items(content, role))
+
         def user_content(content, role):           # user and tool messages: text, images, videos
             for kind, item in content_items(content, role):
                 if kind == "text":
@@ -454,11 +661,10 @@ class Tokenizer:
 
         # The system turn: the first message if it is a system message, and the tool list.
         system = messages[0].get("role") == "system"
-        system_text = "".join(t for _, t in content_items(messages[0].get("content"), "system")) if system else ""
         if tools:
             template("<|im_start|>system\n")
             if system:
-                plain(system_text)
+                plain(text_of(messages[0].get("content"), "system"))
                 template("\n\n")
             template(TOOLS_HEADER)
             for tool in tools:
@@ -467,29 +673,60 @@ class Tokenizer:
             template(TOOLS_FOOTER)
         elif system:
             template("<|im_start|>system\n")
-            plain(system_text)
+            plain(text_of(messages[0]["content"], "system"))
             template("<|im_end|>\n")
+
+        # Thinking: the last user message that is a query, not tool results written as a user message
+        last_query = len(messages) - 1
+        for i in reversed(range(len(messages))):
+            if messages[i]["role"] == "user":
+                text = "".join(t if kind == "text" else "\0" for kind, t in
+                               content_items(messages[i].get("content"), "user"))
+                if not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):
+                    last_query = i
+                    break
 
         for i, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
             if role == "system":
-                if i > 0:
+                if i > 0 and not thinking:
                     raise ValueError(f"message {i} is a system message; only the first message may be one "
-                                     "(the Qwen3-VL template drops the others)")
+                                     "(the Qwen3-VL Instruct template drops the others)")
+                if i > 0:
+                    template("<|im_start|>system\n")
+                    plain(text_of(content, role))
+                    template("<|im_end|>\n")
             elif role == "user":
                 template("<|im_start|>user\n")
                 user_content(content, role)
                 template("<|im_end|>\n")
             elif role == "assistant":
-                template("<|im_start|>assistant\n")
-                for _, text in content_items(content, role):
+                template(ASSISTANT_HEADER)
+                text = text_of(content, role)
+                if not thinking:
                     answer(text)
+                else:
+                    reasoning = message.get("reasoning_content")
+                    if not isinstance(reasoning, str):
+                        reasoning = ""
+                        if "</think>" in text:
+                            reasoning = text.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                            text = text.split("</think>")[-1].lstrip("\n")
+                    if i > last_query and (i == len(messages) - 1 or reasoning):
+                        template(THINK_OPENER)         # what the generation prompt writes: not trained on
+                        answer(reasoning.strip("\n"))
+                        template("\n</think>\n\n", train=True)
+                        answer(text.lstrip("\n"))
+                    else:
+                        answer(text)
+                # a newline between the text and the first tool call: Instruct looks at the message's content,
+                # Thinking at the text left after the reasoning
                 for j, call in enumerate(message.get("tool_calls") or []):
                     call = (call.get("function") or call) if isinstance(call, dict) else call
                     if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call):
                         raise TypeError(f"message {i} tool_calls[{j}]={call!r}: must be a dict with 'name' (a string) "
                                         "and 'arguments'")
-                    if j > 0 or content:
+                    if j > 0 or (text if thinking else content):
                         template("\n", train=True)
                     args = call["arguments"]
                     template('<tool_call>\n{"name": "', train=True)
@@ -510,8 +747,61 @@ class Tokenizer:
             else:
                 raise ValueError(f"message {i} has role {role!r}; expected system, user, assistant or tool")
         if add_generation_prompt:
-            template("<|im_start|>assistant\n")
+            template(ASSISTANT_HEADER + (THINK_OPENER if thinking else ""))
         return out
+
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+THINK_OPENER = "<think>\n"                           # the Thinking template's reply opens with it
+
+
+def read_chat_template(path):
+    """
+    (template text, its file) of a checkpoint directory, or (None, None): chat_template.jinja, else
+    chat_template.json {"chat_template": ...}, else tokenizer_config.json's "chat_template" (a string, or a list of
+    {"name", "template"} of which "default" is taken), in the order the Hugging Face stack reads them.
+    """
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read(), jinja_file
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        with open(file, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+        if template is None:
+            continue
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+            if template is None:
+                raise ValueError(f"{file}: chat_template is a list of named templates {sorted(named)} without the "
+                                 "'default' one")
+        if not isinstance(template, str):
+            raise ValueError(f"{file}: chat_template must be a string (or a list of {{'name', 'template'}}), got "
+                             f"{type(template).__name__}")
+        return template, file
+    return None, None
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja(template):
+    """A chat template compiled as the Hugging Face stack compiles it: a sandbox, trim_blocks and lstrip_blocks,
+    {% break %} / {% continue %}, a `tojson` that keeps non-ASCII text, raise_exception() and strftime_now()."""
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(template)
 
 
 def content_kind(item):

@@ -462,8 +462,8 @@ def stage_of(step, stage_list):
 
 def save_checkpoint(out_dir, model, optimizer, tok, processor, step, args, rank):
     """
-    out_dir/ckpt-<step>/: dcp/ (model + optimizer, one shard per rank), config.json, tokenizer.tiktoken,
-    preprocessor_config.json (image budgets), train_state.json (step, settings) and rng-<rank>.safetensors, written
+    out_dir/ckpt-<step>/: dcp/ (model + optimizer, one shard per rank), config.json, tokenizer.tiktoken (and the
+    chat template, if the tokenizer has one), the processor's configs (image budgets), train_state.json (step, settings) and rng-<rank>.safetensors, written
     as ckpt-<step>.tmp, then renamed; then out_dir/latest is replaced atomically and all but the newest
     --keep_checkpoints checkpoints are deleted.
     """
@@ -481,8 +481,10 @@ def save_checkpoint(out_dir, model, optimizer, tok, processor, step, args, rank)
     if rank == 0:
         write_json(model.cfg.to_hf_dict(), os.path.join(tmp, "config.json"))
         tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
-        write_json(dict(min_pixels=processor.min_pixels, max_pixels=processor.max_pixels),
-                   os.path.join(tmp, "preprocessor_config.json"))
+        if tok.chat_template is not None:                     # a checkpoint's own template formats its chats
+            with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(tok.chat_template)
+        processor.save_pretrained(tmp)
         write_json(dict(step=step, args={k: v for k, v in vars(args).items() if k != "stage_list"}),
                    os.path.join(tmp, "train_state.json"))
         shutil.rmtree(final, ignore_errors=True)
@@ -688,10 +690,7 @@ def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
         plain.load_state_dict(sd, assign=True)
         if plain.cfg.tie_word_embeddings:
             plain.lm_head.weight = plain.language_model.embed_tokens.weight
-        plain.save_pretrained(path)
-        tok.save(os.path.join(path, "tokenizer.tiktoken"))
-        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-            json.dump(dict(min_pixels=processor.min_pixels, max_pixels=processor.max_pixels), f)
+        plain.save_pretrained(path, processor=processor)      # + tokenizer, template, processor configs
     barrier()
 
 
@@ -961,14 +960,12 @@ def build_model(args, cfg, start, resume, run):
 
 
 def make_processor(args, checkpoint, tok, data):
-    """Image pixel budgets: --min/max_pixels, else the checkpoint's, else the dataset's (the toy world's follow its
-    image size), else the released processor's."""
-    budgets = dict(data.budgets)
-    if checkpoint and os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
-        from sample import read_budgets
-        budgets = read_budgets(checkpoint)
-    budgets.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v})
-    return Processor(tok, **budgets)
+    """The processor: the checkpoint's (its image pixel budgets), else one for the dataset's images (the toy world's
+    budgets follow its image size; a file's: the released processor's); --min/max_pixels replace the budgets."""
+    budgets = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    if checkpoint:
+        return Processor.from_pretrained(checkpoint, tok, **budgets)
+    return Processor(tok, **{**data.budgets, **budgets})
 
 
 def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, metrics):

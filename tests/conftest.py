@@ -85,6 +85,13 @@ def make_row(parts, g):
     return ids, img_g, img_p, vid_g, vid_p
 
 
+def reference_inputs(kw):
+    """The reference's inputs for our model kwargs: transformers 5 also takes mm_token_type_ids (0 text, 1 image,
+    2 video token), which its processor returns and its 3-D positions are placed by."""
+    ids = kw["input_ids"]
+    return {**kw, "mm_token_type_ids": (ids == IMG).long() + 2 * (ids == VID).long()}
+
+
 def short_of_image_features():
     """A batch whose image has 6 placeholder tokens ((1, 4, 6) grid) but pixels and grid of a (1, 4, 4) image: 4
     features. Returns (model kwargs, the error the model must raise)."""

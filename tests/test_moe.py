@@ -1,18 +1,24 @@
 """
-Qwen3-VL-MoE (moe.py) against the reference `Qwen3VLMoeForConditionalGeneration` (transformers 4.57.6), built tiny
-and random: the sparse block alone, the whole model on images + video + left padding, the load-balancing loss,
-the two execution paths against each other, the layer rule, the presets' sizes and the checkpoint round trip.
+Qwen3-VL-MoE (moe.py) against the reference `Qwen3VLMoeForConditionalGeneration` (transformers, public API only),
+built tiny and random: the sparse block alone, the whole model on images + video + left padding under each of
+the reference's expert kernels, the load-balancing loss, the two execution paths against each other, the layer
+rule, the presets' sizes, and checkpoints in every expert layout both ways.
 """
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import make_batch, randomize_
+from conftest import make_batch, randomize_, reference_inputs
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import moe
 from model import Qwen3VL, Qwen3VLConfig
 
 E, K = 8, 2                 # experts, experts per token: small enough that some experts get no token
+REF_KERNELS = ["eager", "batched_mm", "grouped_mm"]     # the reference's expert implementations (same maths)
 
 
 def tiny_moe_config(**text_overrides):
@@ -36,7 +42,11 @@ def ours_config(hf_config):
 
 @pytest.fixture(scope="module")
 def moe_pair(tmp_path_factory):
-    """(reference, ours) with the same random weights, ours loaded from the reference's checkpoint."""
+    """
+    (reference, ours, checkpoint dir) with the same random weights, ours loaded from the reference's checkpoint.
+    H = 64 = 2I: the reference's gate_up_proj [E, 2I, H] has the shape of the other orientation [E, H, 2I], so only
+    down_proj tells the layout (moe.expert_layout_of reads both).
+    """
     from transformers import Qwen3VLMoeForConditionalGeneration
     torch.manual_seed(0)
     ref = randomize_(Qwen3VLMoeForConditionalGeneration(tiny_moe_config())).eval()
@@ -66,25 +76,20 @@ def assert_real_close(ours, ref, attention_mask, atol=1e-5):
 # The sparse block
 
 
-def block_pair(seed=0):
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
-    hf_text = tiny_moe_config().text_config
-    ref = randomize_(Qwen3VLMoeTextSparseMoeBlock(hf_text), seed)
-    ours = moe.SparseMoeBlock(ours_config(tiny_moe_config()).text)
-    ours.load_state_dict(ref.state_dict(), strict=True)                 # the same key names, 1:1
-    return ref, ours
-
-
 @pytest.mark.parametrize("impl", ["grouped", "loop"])
-@pytest.mark.parametrize("ref_mode", ["eval", "train"])    # dense bmm over all experts / loop over hit experts
-def test_block_matches_reference(impl, ref_mode):
-    ref, ours = block_pair()
-    ref.train(ref_mode == "train")
-    ours.impl = impl
+@pytest.mark.parametrize("kernel", REF_KERNELS)
+def test_block_matches_reference(moe_pair, impl, kernel):
+    """Layer 0's sparse block of both models (the reference's reached through its public module tree)."""
+    ref, ours, _ = moe_pair
+    ref.set_experts_implementation(kernel)
+    ref_block, block = ref.model.language_model.layers[0].mlp, ours.language_model.layers[0].mlp
+    block.impl = impl
     x = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        y_ref, logits_ref = ref(x)
-        y, logits = ours(x)
+        y_ref, logits_ref = ref_block(x), ref_block.gate(x)[0]
+        y, logits = block(x)
+    ref.set_experts_implementation("eager")
+    block.impl = "grouped"
     assert y.shape == x.shape and logits.shape == (33, E)
     torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
@@ -101,10 +106,10 @@ def _grads(block, x):
 
 
 @pytest.mark.parametrize("kernel", [False, True])
-def test_paths_agree_forward_and_gradients(monkeypatch, kernel):
+def test_paths_agree_forward_and_gradients(moe_pair, monkeypatch, kernel):
     """loop vs grouped, forward and every gradient; kernel=True runs torch._grouped_mm itself (its CPU version)."""
     monkeypatch.setattr(moe, "has_grouped_mm_kernel", lambda x, w: kernel)
-    _, block = block_pair(seed=3)
+    block = copy.deepcopy(moe_pair[1].language_model.layers[0].mlp)
     for T in (5, 64):                                                  # 5 tokens x 2 slots: idle experts
         x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(T))
         block.impl = "loop"
@@ -129,20 +134,20 @@ def test_model_logits_match_reference(moe_pair, batch, impl):
     moe.set_impl(ours, impl)
     with torch.no_grad():
         logits, _ = ours(**kw)
-        for mode in (False, True):                                      # the reference's eval and train kernels
-            assert_real_close(logits, ref.train(mode)(**kw).logits, kw["attention_mask"])
-    ref.eval()
+        for kernel in REF_KERNELS:
+            ref.set_experts_implementation(kernel)
+            assert_real_close(logits, ref(**reference_inputs(kw)).logits, kw["attention_mask"])
+    ref.set_experts_implementation("eager")
     moe.set_impl(ours, "grouped")
     assert [type(l.mlp).__name__ for l in ours.language_model.layers] == ["SparseMoeBlock", "MLP", "SparseMoeBlock"]
     assert len(ours.router_logits) == 2 and ours.router_logits[0].shape == (kw["input_ids"].numel(), E)
 
 
 def test_loss_and_aux_loss_match_reference(moe_pair, batch):
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
     ref, ours, _ = moe_pair
     with torch.no_grad():
-        out = ref(**batch, output_router_logits=True)
-        out_plain = ref(**batch)                                        # the reference's default: no aux loss
+        out = ref(**reference_inputs(batch), output_router_logits=True)
+        out_plain = ref(**reference_inputs(batch))                     # the reference's default: no aux loss
         _, loss = ours(**batch, aux_loss=True)
         aux = moe.load_balancing_loss(ours.router_logits, K, batch["attention_mask"])
         _, loss_plain = ours(**batch)
@@ -151,14 +156,21 @@ def test_loss_and_aux_loss_match_reference(moe_pair, batch):
     torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(loss_plain, out_plain.loss, atol=1e-5, rtol=0)
     assert (loss - loss_plain).item() == pytest.approx(0.01 * aux.item(), rel=1e-4)
-    # the loss function alone, on logits of every magnitude, with and without a padding mask
-    g = torch.Generator().manual_seed(0)
-    logits = tuple(3 * torch.randn(2 * 9, E, generator=g) for _ in range(3))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[0, :4] = 0
-    for m in (None, mask):
-        torch.testing.assert_close(moe.load_balancing_loss(logits, K, m), load_balancing_loss_func(logits, E, K, m),
-                                   atol=1e-6, rtol=0)
+    # the loss function alone, on the reference's router logits, with the padding mask and, for a row without
+    # padding, without one; then on peaked routing (the router weights scaled up: logits of every magnitude)
+    torch.testing.assert_close(moe.load_balancing_loss(out.router_logits, K, batch["attention_mask"]), out.aux_loss,
+                               atol=1e-6, rtol=0)
+    row = batch["input_ids"][2:, -6:]
+    gates = [layer.mlp.gate.weight for layer in ref.model.language_model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        for scale in (1.0, 30.0):
+            for w in gates:
+                w.mul_(scale)
+            plain = ref(input_ids=row, attention_mask=torch.ones_like(row), output_router_logits=True)
+            for w in gates:
+                w.div_(scale)
+            torch.testing.assert_close(moe.load_balancing_loss(plain.router_logits, K), plain.aux_loss,
+                                       atol=1e-6, rtol=0)
 
 
 def test_tokens_per_expert(moe_pair, batch):
@@ -193,13 +205,12 @@ def test_aux_loss_gradient_reaches_the_router(moe_pair, batch):
 
 @pytest.mark.parametrize("step, only", [(1, []), (2, []), (3, [2]), (1, [0, 3])])
 def test_sparse_layer_rule_matches_reference(step, only):
-    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer
+    from transformers import Qwen3VLMoeForConditionalGeneration
     hf = tiny_moe_config(num_hidden_layers=6, decoder_sparse_step=step, mlp_only_layers=only)
-    cfg = ours_config(hf)
     with torch.device("meta"):
-        ours = Qwen3VL(cfg)
-        want = [type(Qwen3VLMoeTextDecoderLayer(hf.text_config, i).mlp).__name__.endswith("SparseMoeBlock")
-                for i in range(6)]
+        ours = Qwen3VL(ours_config(hf))
+        ref = Qwen3VLMoeForConditionalGeneration(hf)
+    want = [hasattr(layer.mlp, "experts") for layer in ref.model.language_model.layers]
     assert [isinstance(l.mlp, moe.SparseMoeBlock) for l in ours.language_model.layers] == want
 
 
@@ -221,7 +232,7 @@ def test_save_then_reference_loads(moe_pair, batch, tmp_path):
     ref = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
     kw = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        assert_real_close(ours(**kw)[0], ref(**kw).logits, kw["attention_mask"])
+        assert_real_close(ours(**kw)[0], ref(**reference_inputs(kw)).logits, kw["attention_mask"])
     again = Qwen3VL.from_pretrained(tmp_path / "ours")
     assert again.cfg == ours.cfg
     for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
@@ -232,11 +243,7 @@ def test_loader_refuses_moe_dense_mismatch(moe_pair, tmp_path):
     _, ours, path = moe_pair
     hf_cfg = json.loads((path / "config.json").read_text())
     # MoE weights under a dense config.json: the loader names the experts it did not expect
-    dense = json.loads(json.dumps(hf_cfg))
-    dense["model_type"] = "qwen3_vl"
-    for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
-              "mlp_only_layers", "router_aux_loss_coef", "norm_topk_prob"):
-        dense["text_config"].pop(k)
+    dense = Qwen3VLConfig(text=dataclasses.replace(ours.cfg.text, num_experts=0), vision=ours.cfg.vision).to_hf_dict()
     (tmp_path / "config.json").write_text(json.dumps(dense))
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
     with pytest.raises(ValueError, match=r"does not match the config.*mlp\.experts\.gate_up_proj"):
@@ -244,14 +251,89 @@ def test_loader_refuses_moe_dense_mismatch(moe_pair, tmp_path):
     # inconsistent config.json files
     with pytest.raises(ValueError, match="is dense"):
         Qwen3VLConfig.from_hf_dict({**dense, "text_config": {**dense["text_config"], "num_experts": 8}})
+    no_experts = {k: v for k, v in hf_cfg["text_config"].items() if k not in ("num_experts", "num_local_experts")}
     with pytest.raises(ValueError, match="needs text_config.num_experts"):
-        Qwen3VLConfig.from_hf_dict({**dense, "model_type": "qwen3_vl_moe"})
+        Qwen3VLConfig.from_hf_dict({**hf_cfg, "text_config": no_experts})
     # and dense weights under an MoE config.json
     (tmp_path / "dense").mkdir()
-    cfg = Qwen3VLConfig.from_hf_dict(dense)
     with torch.device("meta"):
-        model = Qwen3VL(cfg)
+        model = Qwen3VL(Qwen3VLConfig.from_hf_dict(dense))
     model.to_empty(device="cpu").save_pretrained(tmp_path / "dense")
     (tmp_path / "dense" / "config.json").write_text(json.dumps(hf_cfg))
     with pytest.raises(ValueError, match=r"does not match the config.*missing.*mlp\.experts"):
         Qwen3VL.from_pretrained(tmp_path / "dense")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert layouts in checkpoint files (moe.EXPERT_LAYOUTS)
+
+
+def random_moe(I, seed=0):
+    """Ours alone, random, H = 64 and moe_intermediate_size I."""
+    with torch.device("meta"):
+        model = Qwen3VL(ours_config(tiny_moe_config(moe_intermediate_size=I)))
+    return randomize_(model.to_empty(device="cpu"), seed).eval()
+
+
+def expert_shapes(path, layer=0):
+    prefix = f"model.language_model.layers.{layer}.mlp.experts."
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {k[len(prefix):]: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("I", [32, 64, 24])       # 2I == H, I == H (one fused tensor alone is ambiguous), neither
+@pytest.mark.parametrize("layout", sorted(moe.EXPERT_LAYOUTS))
+def test_every_expert_layout_round_trips(tmp_path, layout, I):
+    H = 64
+    model = random_moe(I)
+    model.save_pretrained(tmp_path, expert_layout=layout)
+    shapes = expert_shapes(tmp_path)
+    if layout == "per_expert":
+        assert len(shapes) == 3 * E and shapes["7.gate_proj.weight"] == shapes["7.up_proj.weight"] == [I, H]
+        assert shapes["7.down_proj.weight"] == [H, I]
+        w = load_file(tmp_path / "model.safetensors")
+        experts = model.language_model.layers[2].mlp.experts
+        p = "model.language_model.layers.2.mlp.experts.5."
+        assert torch.equal(w[p + "gate_proj.weight"], experts.gate_up_proj[5, :, :I].T)
+        assert torch.equal(w[p + "up_proj.weight"], experts.gate_up_proj[5, :, I:].T)
+        assert torch.equal(w[p + "down_proj.weight"], experts.down_proj[5].T)
+    else:
+        assert shapes == {"fused_in_out": {"gate_up_proj": [E, H, 2 * I], "down_proj": [E, I, H]},
+                          "fused_out_in": {"gate_up_proj": [E, 2 * I, H], "down_proj": [E, H, I]}}[layout]
+    again = Qwen3VL.from_pretrained(tmp_path)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("format", ["v5", "v4"])
+def test_reference_loads_both_formats(tmp_path, batch, format):
+    """Our v5 export (fused [out, in] experts) and v4 export (the released [in, out] experts, which transformers 5
+    transposes on load where the shapes tell it to: I = 24, neither 2I nor I equal to H)."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+    model = random_moe(24)
+    model.save_pretrained(tmp_path, format=format)
+    assert expert_shapes(tmp_path)["down_proj"] == ([E, 64, 24] if format == "v5" else [E, 24, 64])
+    ref = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path).eval()
+    kw = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        assert_real_close(model(**kw)[0], ref(**reference_inputs(kw)).logits, kw["attention_mask"])
+
+
+def test_expert_tensors_that_fit_no_layout(moe_pair, tmp_path):
+    _, ours, path = moe_pair
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    tensors = load_file(path / "model.safetensors")
+    key = "model.language_model.layers.2.mlp.experts.down_proj"
+    save_file({**tensors, key: tensors[key][:, :, :-1].contiguous()}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: model\.language_model\.layers\.2\.mlp\.experts: the "
+                                         r"expert tensors .*'down_proj': \[8, 64, 31\].* fit no known layout; "
+                                         r"expected \(E=8, H=64, I=32\) fused_in_out: .*fused_out_in: .*per_expert"):
+        Qwen3VL.from_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path, expert_layout="per_expert")       # one expert's down_proj missing
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.language_model.layers.0.mlp.experts.5.down_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts: the expert tensors .*'\.\.\.': '23 keys'"):
+        Qwen3VL.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unknown expert layout 'fused'"):
+        ours.save_pretrained(tmp_path, expert_layout="fused")

@@ -1,9 +1,10 @@
 """
-Image processing against the references (transformers 4.57.6 Qwen2VLImageProcessor slow/fast, Qwen3VLProcessor,
-qwen-vl-utils 0.0.14) on the real photographs shipped with scikit-image, plus bad inputs and grounding helpers.
+Image processing against the references (transformers 5 Qwen2VLImageProcessorPil / Qwen2VLImageProcessor (its PIL
+and torchvision backends), Qwen3VLProcessor, qwen-vl-utils 0.0.14) on the real photographs shipped with
+scikit-image, plus bad inputs and grounding helpers.
 
-Measured: our pixel values equal the slow (PIL) reference exactly (max |diff| = 0) on every image, size and setting
-tested here; against the fast (torchvision, antialiased) reference the max |diff| is 0.086 (11 uint8 levels after
+Measured: our pixel values equal the PIL reference exactly (max |diff| = 0) on every image, size and setting
+tested here; against the torchvision (antialiased) reference the max |diff| is 0.086 (11 uint8 levels after
 normalisation to [-1, 1]) and the mean |diff| at most 0.0016.
 """
 import math
@@ -122,26 +123,27 @@ SETTINGS = [  # our Processor settings (the reference gets the same), the photos
 
 
 def reference_image_processors(s):
-    from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorFast
-    # min_pixels/max_pixels, not size=...: in 4.57.6 the slow class's __init__ replaces a given `size` by its defaults.
+    """The reference's image processors with our settings: (PIL backend, torchvision backend)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorPil
     kw = dict(patch_size=s.get("patch_size", 16), temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
-              image_std=[0.5] * 3, min_pixels=s.get("min_pixels", 65536), max_pixels=s.get("max_pixels", 16777216))
-    return Qwen2VLImageProcessor(**kw), Qwen2VLImageProcessorFast(**kw)
+              image_std=[0.5] * 3, size={"shortest_edge": s.get("min_pixels", 65536),
+                                          "longest_edge": s.get("max_pixels", 16777216)})
+    return Qwen2VLImageProcessorPil(**kw), Qwen2VLImageProcessor(**kw)
 
 
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_images_match_reference(tok, setting):
     s, photos, reshape = SETTINGS[setting]
     ours = Processor(tok, **s)
-    slow, fast = reference_image_processors(s)
+    pil, torchvision = reference_image_processors(s)
     worst_fast, mean_fast = 0.0, 0.0
     for k, name in enumerate(photos):
         base = P.to_rgb(photo(name))            # horse.png is RGBA: composite first (the reference drops alpha)
         size = RESHAPES[k % len(RESHAPES)]      # each photo once as it is and once squeezed to another shape
         for image in [base] + ([base.resize((size[1], size[0]), Image.Resampling.BICUBIC)] if reshape else []):
             rows, grid = ours.process_image(image)
-            ref = slow(images=[image], return_tensors="pt")
-            ref_fast = fast(images=[image], return_tensors="pt")
+            ref = pil(images=[image], return_tensors="pt")
+            ref_fast = torchvision(images=[image], return_tensors="pt")
             assert [list(grid)] == ref["image_grid_thw"].tolist() == ref_fast["image_grid_thw"].tolist()
             assert rows.dtype == torch.float32 and rows.shape == ref["pixel_values"].shape
             torch.testing.assert_close(rows, ref["pixel_values"], atol=1e-6, rtol=0)
@@ -154,8 +156,8 @@ def test_processor_batch_matches_reference_processor(tok):
     from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
     hf_tok, _ = qwen_hf_tokenizer()
     s = dict(min_pixels=32 * 32, max_pixels=160 * 160)
-    slow, _ = reference_image_processors(s)
-    reference = Qwen3VLProcessor(image_processor=slow, tokenizer=hf_tok, video_processor=Qwen3VLVideoProcessor())
+    pil, _ = reference_image_processors(s)
+    reference = Qwen3VLProcessor(image_processor=pil, tokenizer=hf_tok, video_processor=Qwen3VLVideoProcessor())
     astronaut, coffee = photo("astronaut"), photo("coffee")
     chats = [
         [{"role": "user", "content": [{"type": "image", "image": astronaut}, {"type": "text", "text": "Who?"}]},

@@ -1,14 +1,24 @@
 """rope.py against the reference: vision 2-D RoPE, interleaved MRoPE, 3-D position ids (reference §2.3, §3.4-3.5)."""
 import torch
-from conftest import IMG, VE, VID, VS, make_batch
+from conftest import IMG, VE, VID, VS, make_batch, reference_inputs
+from test_vision import first_block_inputs
 
 from rope import mrope_cos_sin, rope_index, vision_cos_sin
 from vision import patch_coordinates
 
 
 def ref_rope_index(ref, kw):
-    return ref.model.get_rope_index(kw["input_ids"], kw.get("image_grid_thw"), kw.get("video_grid_thw"),
-                                    kw["attention_mask"])
+    return ref.model.get_rope_index(kw["input_ids"], reference_inputs(kw)["mm_token_type_ids"],
+                                    kw.get("image_grid_thw"), kw.get("video_grid_thw"), kw["attention_mask"])
+
+
+def assert_same_positions(kw, ours, ref):
+    """Equal 3-D positions on real tokens (padding: ours 1 as 4.57, the reference's 5.x 0, neither read) and rope
+    deltas that give the same decode positions: ours count the padding (4.57), 5.x's do not."""
+    (pos, delta), (ref_pos, ref_delta) = ours, ref
+    real = kw["attention_mask"].bool()
+    assert torch.equal(pos[:, real], ref_pos[:, real])
+    assert torch.equal(delta, ref_delta - (~real).sum(1, keepdim=True))
 
 
 def ours_rope_index(kw):
@@ -38,18 +48,17 @@ def test_rope_index_matches_reference(pair):
             [("text", 11)],
             [("image", (1, 4, 4))]]
     kw = make_batch(rows, seed=3)
-    pos, delta = ours_rope_index(kw)
-    ref_pos, ref_delta = ref_rope_index(ref, kw)
-    assert torch.equal(pos, ref_pos)
-    assert torch.equal(delta, ref_delta)
+    assert (kw["attention_mask"] == 0).any()
+    assert_same_positions(kw, ours_rope_index(kw), ref_rope_index(ref, kw))
 
 
 def test_rope_index_text_only_equals_cumsum(pair):
     ref, _ = pair
     kw = make_batch([[("text", 7)], [("text", 3)]])
     pos, delta = ours_rope_index(kw)
-    ref_pos, ref_delta = ref_rope_index(ref, kw)
-    assert torch.equal(pos, ref_pos) and torch.equal(delta, ref_delta)
+    mask = kw["attention_mask"]
+    assert torch.equal(pos[0], (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)) and delta.tolist() == [[0], [-4]]
+    assert_same_positions(kw, (pos, delta), ref_rope_index(ref, kw))
 
 
 def test_mrope_interleaved_matches_reference(pair):
@@ -83,16 +92,18 @@ def test_mrope_text_is_1d_rope():
 
 
 def test_vision_rope_and_coordinates_match_reference(pair):
+    """cos/sin and attention segments against what the reference's first ViT block receives."""
     ref, _ = pair
     grid = torch.tensor([[1, 4, 6], [3, 8, 4], [1, 2, 2]])
     N = int(grid.prod(-1).sum())
     _, row, col, segment = patch_coordinates(grid, N, 2)
     cos, sin = vision_cos_sin(row, col, 16)
-    emb = ref.model.visual.rot_pos_emb(grid)               # [N, hd/2] angles
-    emb = torch.cat([emb, emb], -1)
-    torch.testing.assert_close(cos, emb.cos(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(sin, emb.sin(), rtol=0, atol=1e-6)
+    _, kwargs = first_block_inputs(ref.model.visual, torch.randn(N, 1536), grid)
+    ref_cos, ref_sin = kwargs["position_embeddings"]
+    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
     # segments: one per frame group, in the order of the reference's cu_seqlens
     lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+    assert torch.equal(kwargs["cu_seqlens"].diff(), lengths.to(kwargs["cu_seqlens"].dtype))
     assert torch.equal(torch.bincount(segment), lengths)
     assert torch.equal(segment, torch.repeat_interleave(torch.arange(len(lengths)), lengths))

@@ -1,4 +1,4 @@
-"""sample.py against the reference's generate (transformers 4.57.6, tiny random model, fp32, CPU): greedy tokens on
+"""sample.py against the reference's generate (transformers 5, tiny random model, fp32, CPU): greedy tokens on
 text, an image, a timestamped video and a padded mixed batch; seeded sampling; log-probs against a fresh forward
 pass; penalties and truncation as defined; per-row stopping; a decode step that compiles as one static graph; the
 command line; errors."""
@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch, short_of_image_features
+from conftest import make_batch, reference_inputs, short_of_image_features
 
 from model import KVCache
 from sample import INSTRUCT, PAD_ID, apply_penalties, decode_step, generate, main, warp
@@ -30,7 +30,7 @@ def test_greedy_matches_reference(pair, case):
     kw = make_batch(CASES[case])
     S = kw["input_ids"].shape[1]
     with torch.no_grad():     # eos_token_id=None: all 32 tokens, as eos_ids=() does for ours
-        expected = ref.generate(**kw, max_new_tokens=32, do_sample=False, eos_token_id=None,
+        expected = ref.generate(**reference_inputs(kw), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                 pad_token_id=PAD_ID)[:, S:]
     got = generate(ours, **kw, max_new_tokens=32, temperature=0.0, eos_ids=())
     assert torch.equal(got, expected)
@@ -83,7 +83,7 @@ def test_rows_stop_at_their_own_eos(pair):
 
 # ------------------------------------------------------------------------------------------------ the sampler
 def test_repetition_penalty_equals_reference_processor():
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from transformers import RepetitionPenaltyLogitsProcessor
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
     ids = torch.randint(0, 50, (4, 12), generator=g)
@@ -117,8 +117,7 @@ def test_presence_penalty_stops_repeats(pair):
 
 
 def test_warp_equals_reference_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 200, generator=g) * 2
     for temperature, top_k, top_p in [(0.7, 20, 0.8), (1.0, 0, 0.5), (1.3, 5, 1.0), (1.0, 0, 1.0)]:
@@ -167,7 +166,7 @@ def test_fused_projections_keep_values_state_dict_and_gradients(pair):
     kw = make_batch(CASES["padded_mixed_batch"])
     S = kw["input_ids"].shape[1]
     with torch.no_grad():
-        expected = ref.generate(**kw, max_new_tokens=32, do_sample=False, eos_token_id=None,
+        expected = ref.generate(**reference_inputs(kw), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                 pad_token_id=PAD_ID)[:, S:]
         torch.testing.assert_close(fused(**kw)[0], ours(**kw)[0], rtol=0, atol=1e-5)
     assert torch.equal(generate(fused, **kw, max_new_tokens=32, temperature=0.0, eos_ids=()), expected)

@@ -237,7 +237,7 @@ def test_export_dtype_bfloat16(tmp_path):
     train.main(TINY + ["--stages", "align:1", "--eval_every", "0", "--export_dtype", "bfloat16",
                        "--out_dir", str(tmp_path / "o")])
     hf = tmp_path / "o" / "hf"
-    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((hf / "config.json").read_text())["dtype"] == "bfloat16"     # transformers 5's key
     model = Qwen3VL.from_pretrained(hf)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     for name, p in model.named_parameters():
@@ -318,7 +318,7 @@ def test_nothing_in_a_checkpoint_runs_code(tmp_path):
     train.main(TINY + ["--stages", "align:2", "--eval_every", "1", "--eval_samples", "0", "--out_dir", str(run)])
     newest, older = train.checkpoints(str(run))             # --keep_checkpoints 2: steps 2 and 1
     assert sorted(os.listdir(newest)) == ["config.json", "dcp", "preprocessor_config.json", "rng-0.safetensors",
-                                         "tokenizer.tiktoken", "train_state.json"]
+                                         "tokenizer.tiktoken", "train_state.json", "video_preprocessor_config.json"]
     marker = tmp_path / "pwned"
     with open(os.path.join(newest, "dcp", ".metadata"), "wb") as f:
         pickle.dump(Payload(marker), f)

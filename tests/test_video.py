@@ -1,5 +1,5 @@
 """
-Videos against the references (transformers 4.57.6 Qwen3VLVideoProcessor / Qwen3VLProcessor, PyAV loading) on tiny
+Videos against the references (transformers 5 Qwen3VLVideoProcessor / Qwen3VLProcessor, PyAV loading) on tiny
 clips encoded here with PyAV: frame sampling, grids, pixels, timestamps, the expanded prompt, and bad inputs.
 
 Measured: grids, frame indices, decoded frames, timestamps and token ids are identical; pixel values differ only
@@ -8,6 +8,7 @@ max |diff| = 1/127.5 (one uint8 level after normalisation to [-1, 1]) when frame
 2/127.5 when they are enlarged.
 """
 import functools
+import re
 from fractions import Fraction
 
 import av
@@ -18,7 +19,8 @@ from PIL import Image
 
 import processor as P
 from processor import Processor
-from test_tokenizer import hf_render, qwen_hf_tokenizer, qwen_tokenizer
+from test_tokenizer import hf_render, qwen_hf_tokenizer, qwen_tokenizer, released_template
+from tokenizer import Tokenizer
 
 # (frame rate, frames, width, height): lengths from 0.3 s to 20 s, fractional NTSC rate, portrait, odd counts.
 CLIPS = [(30, 90, 64, 48), (24, 50, 64, 48), (Fraction(30000, 1001), 125, 64, 48), (10, 7, 48, 64),
@@ -126,8 +128,7 @@ def test_video_pixels_match_reference(clips, tok, setting):
             assert rows.shape == ref["pixel_values_videos"].shape and rows.dtype == torch.float32
             worst = max(worst, (rows - ref["pixel_values_videos"]).abs().max().item())
         indices = ref["video_metadata"][0].frames_indices
-        from transformers import Qwen3VLProcessor
-        assert seconds == Qwen3VLProcessor._calculate_timestamps(None, indices, video_fps, 2)
+        assert [f"{t:.1f}" for t in seconds] == reference_timestamps(indices, video_fps)
     assert worst <= 2 / 127.5 + 1e-6, worst
 
 
@@ -140,24 +141,47 @@ def test_frame_lists_equal_arrays(clips, tok):
         assert grid2 == grid and seconds2 == seconds and torch.equal(rows2, rows)
 
 
+@functools.lru_cache(maxsize=None)
+def reference_processor():
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=qwen_hf_tokenizer()[0],
+                            video_processor=reference_video_processor())
+
+
+def reference_timestamps(indices, fps):
+    """The `<t seconds>` texts the reference processor writes for frames sampled at `indices` of a video at `fps`
+    (its prompt for a tiny blank clip with that metadata)."""
+    frames = np.zeros((len(indices), 32, 32, 3), np.uint8)
+    out = reference_processor()(text=["<|video_pad|>"], videos=[frames], do_sample_frames=False, return_tensors="pt",
+                                video_metadata=[{"fps": fps, "frames_indices": np.asarray(indices),
+                                                 "total_num_frames": int(max(indices)) + 1}])
+    return re.findall(r"<([\d.]+) seconds>", qwen_hf_tokenizer()[0].decode(out["input_ids"][0]))
+
+
 def test_timestamps():
-    from transformers import Qwen3VLProcessor
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        n = int(rng.integers(1, 40))
+    for _ in range(100):
+        n = int(rng.integers(2, 40))                       # the reference needs 2 frames at least
         indices = np.sort(rng.integers(0, 5000, n))
         fps = float(rng.choice([1, 2, 23.976, 24, 25, 29.97, 30, 60]))
-        assert P.frame_group_timestamps(indices, fps) == Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2)
+        assert [f"{t:.1f}" for t in P.frame_group_timestamps(indices, fps)] == reference_timestamps(indices, fps)
     # Reference §5.2: a 10 s clip at 30 fps -> 20 frames -> these 10 timestamps.
     seconds = P.frame_group_timestamps(P.sample_frame_indices(300, 30.0), 30.0)
     assert [f"{t:.1f}" for t in seconds] == ["0.3", "1.3", "2.4", "3.4", "4.5", "5.5", "6.6", "7.6", "8.7", "9.7"]
     assert P.frame_group_timestamps([0, 1, 2], 1.0) == [0.5, 2.0]      # an odd count: the last frame repeats
+    assert P.frame_group_timestamps([0, 3, 6, 9], 2.0) == [0.75, 3.75]  # the mean of each group's first and last
 
 
 def test_expanded_prompt_matches_reference(clips, tok):
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    """
+    Token ids equal the reference processor's, with one known difference: transformers 5 expands only the template's
+    <|video_pad|> and keeps the <|vision_start|> ... <|vision_end|> around the per-frame-group blocks; transformers
+    4.57 (the processor Qwen3-VL was released with) and this one replace the whole triple.
+    """
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
     hf_tok, _ = qwen_hf_tokenizer()
-    reference = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=1024, max_pixels=64 * 64),
+    reference = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(size={"shortest_edge": 1024,
+                                                                                 "longest_edge": 64 * 64}),
                                  tokenizer=hf_tok, video_processor=reference_video_processor())
     chelsea = Image.open(P.os.path.join(P.os.path.dirname(__import__("skimage").__file__), "data", "chelsea.png"))
     videos = [decode_all(clips[2]), decode_all(clips[4])]
@@ -173,14 +197,39 @@ def test_expanded_prompt_matches_reference(clips, tok):
     ref = reference(text=texts, images=[chelsea], videos=[v for v, _ in videos], padding=True, return_tensors="pt",
                     video_metadata=[{"fps": f, "total_num_frames": len(v)} for v, f in videos])
     for b in range(len(chats)):
-        ref_ids = ref["input_ids"][b][ref["attention_mask"][b].bool()]
-        assert batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist() == ref_ids.tolist()
+        ref_text = hf_tok.decode(ref["input_ids"][b][ref["attention_mask"][b].bool()])
+        # without the reference's outer pair (then tokenized again: " <" after "Video 1:" is one token)
+        ref_text, n_starts = re.subn(r"<\|vision_start\|>(<[\d.]+ seconds>)", r"\1", ref_text, count=1)
+        ref_text, n_ends = re.subn(r"<\|vision_end\|><\|vision_end\|>", "<|vision_end|>", ref_text)
+        assert n_starts == n_ends == 1
+        ours = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+        assert ours == hf_tok.encode(ref_text, add_special_tokens=False)
     assert batch["video_grid_thw"].tolist() == ref["video_grid_thw"].tolist()
     assert batch["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
     # 125 frames at 29.97 fps -> 8 frames -> 4 timestamps, each before its own vision block.
     assert "Video 1: <0.3 seconds><|vision_start|><|video_pad|>" in batch["text"][0]
     assert batch["text"][0].count(" seconds><|vision_start|>") == 4 and "<3.8 seconds>" in batch["text"][0]
     assert batch["text"][1].count(" seconds><|vision_start|>") == 2    # 3 frames, padded to 4
+
+
+@pytest.mark.parametrize("flavour", ["instruct", "thinking"])
+def test_checkpoint_template_gives_the_same_batch(clips, tok, flavour):
+    """A tokenizer with the released Jinja template and one with the Python template make the same batch: ids,
+    labels (the assistant mask), pixels, grids, on images, a video and their timestamps."""
+    jinja = Tokenizer(tok.ranks, chat_template=released_template(flavour))
+    python = Tokenizer(tok.ranks, thinking=flavour == "thinking")
+    chelsea = Image.open(P.os.path.join(P.os.path.dirname(__import__("skimage").__file__), "data", "chelsea.png"))
+    video, fps = decode_all(clips[2])
+    chats = [[{"role": "user", "content": [{"type": "image", "image": chelsea}, {"type": "text", "text": "And:"},
+                                           {"type": "video", "video": video, "fps": fps}]},
+              {"role": "assistant", "content": "<think>\nA cat, then a square.\n</think>\n\nA cat; a square."}],
+             [{"role": "user", "content": [{"type": "text", "text": "Only words."}]}]]
+    batches = [Processor(t, min_pixels=1024, max_pixels=64 * 64)(chats, add_generation_prompt=False, add_vision_id=True)
+               for t in (jinja, python)]
+    for key in batches[0]:
+        a, b = batches[0][key], batches[1][key]
+        assert (a is None and b is None) or torch.equal(a, b), key
+    assert (batches[0]["labels"] != -100).sum() > 5 and batches[0]["video_grid_thw"].tolist() == [[4, 4, 4]]
 
 
 def test_bad_videos_raise_clear_errors(tmp_path, tok, clips):

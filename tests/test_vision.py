@@ -1,5 +1,7 @@
 """vision.py against the reference Qwen3-ViT (reference §2): patch embed, resampled position embedding,
 2-D rotary block-diagonal attention over packed images, merger and DeepStack mergers. fp32, CPU."""
+import copy
+
 import pytest
 import torch
 from conftest import pixels
@@ -31,7 +33,8 @@ def test_vision_encoder_matches_reference(pair, grid, vit_impl):
     g = torch.Generator().manual_seed(0)
     pix = torch.cat([pixels(tuple(x), g) for x in grid.tolist()])
     with torch.no_grad():
-        ref_tok, ref_ds = ref.model.visual(pix, grid_thw=grid)
+        out = ref.model.visual(pix, grid_thw=grid)
+        ref_tok, ref_ds = out.pooler_output, out.deepstack_features
         tok, ds = ours.visual(pix, grid)
     assert tok.shape == (pix.shape[0] // 4, 64) and len(ds) == len(ref_ds) == 3
     torch.testing.assert_close(tok, ref_tok, rtol=0, atol=1e-5)
@@ -48,8 +51,11 @@ def test_vision_encoder_gradients_match_reference(pair, vit_impl, flex_backward_
     g = torch.Generator().manual_seed(2)
     pix = torch.cat([pixels(tuple(x), g) for x in grid.tolist()])
     grads = []
-    for visual, out in ((ref.model.visual, lambda: ref.model.visual(pix, grid_thw=grid)),
-                        (ours.visual, lambda: ours.visual(pix, grid))):
+    def ref_out():
+        out = ref.model.visual(pix, grid_thw=grid)
+        return out.pooler_output, out.deepstack_features
+
+    for visual, out in ((ref.model.visual, ref_out), (ours.visual, lambda: ours.visual(pix, grid))):
         tok, ds = out()
         w = torch.randn(tok.shape, generator=torch.Generator().manual_seed(3))
         ((tok * w).sum() + sum((d * w).sum() for d in ds)).backward()
@@ -92,15 +98,37 @@ def test_frame_groups_do_not_attend_to_each_other(pair, vit_impl):
     torch.testing.assert_close(a[4:], b[4:], rtol=0, atol=0)
 
 
+def first_block_inputs(visual, pix, grid):
+    """The positional and keyword inputs of the reference ViT's first block (a PyTorch forward pre-hook)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(args=args, kwargs=kwargs)
+    handle = visual.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            visual(pix, grid_thw=grid)
+    finally:
+        handle.remove()
+    return seen["args"], seen["kwargs"]
+
+
 @pytest.mark.parametrize("hw", [(2, 2), (4, 6), (46, 50), (48, 48), (100, 36), (2, 400)])
 def test_position_embedding_interpolation_matches_reference(pair, hw):
+    """The reference's resampled position table is what its first block receives once the patch embedding
+    outputs zeros."""
     ref, ours = pair
     grid = torch.tensor([[1, *hw]])                      # grids are even: the processor makes multiples of 2x2
     N = hw[0] * hw[1]
+    visual = copy.deepcopy(ref.model.visual)
+    with torch.no_grad():
+        for p in visual.patch_embed.parameters():
+            p.zero_()
+    (ref_pe, *_), _ = first_block_inputs(visual, torch.randn(N, 1536), grid)
     img, row, col, _ = patch_coordinates(grid, N, 2)
     with torch.no_grad():
         ours_pe = ours.visual.interpolated_pos_embed(img, row, col, grid)
-        ref_pe = ref.model.visual.fast_pos_embed_interpolate(grid)
+    assert ref_pe.abs().max() > 1e-2
     torch.testing.assert_close(ours_pe, ref_pe, rtol=0, atol=1e-6)
 
 
