@@ -262,8 +262,12 @@ class Processor:
             if a > b:
                 raise ValueError(f"{low}={a}, {high}={b}: need {low} <= {high}")
         check_number("video_fps", video_fps, 1e-3, 1e3)
-        check_number("image_mean", image_mean)
-        check_number("image_std", image_std, 0, low_open=True)
+        for name, value, low in (("image_mean", image_mean, None), ("image_std", image_std, 0)):
+            values = list(value) if isinstance(value, (list, tuple)) else [value]    # one value, or one per channel
+            if len(values) not in (1, 3):
+                raise ValueError(f"{name}={value!r}: must be one number or three (one per channel)")
+            for v in values:
+                check_number(name, v, low, low_open=low is not None)
         self.tok = tok
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.factor = patch_size * merge_size

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import train
+from conftest import reference_inputs
 from data import BadSample, Mixture, open_data, parse_data
 from data.jsonl import JsonlDataset
 from data.toy import ToyData
@@ -281,7 +282,7 @@ def test_finetune_a_hugging_face_checkpoint_on_jsonl(tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         a, _ = ours(**batch)
-        b = ref(**batch).logits
+        b = ref(**reference_inputs(batch)).logits
         c, _ = model(**batch)
     assert (a - b).abs().max() <= 1e-5 and torch.equal(a, c)
     # the checkpoint starts the next stage of work, as --init_from
@@ -304,3 +305,18 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path):
     with pytest.raises(BadSample, match="no sample fits a row of --seq_len 16"):
         train.main(["--stages", "align:3", "--seq_len", "16", "--vocab_size", "400", "--out_dir", str(out)])
     assert not out.exists()
+
+
+def test_a_checkpoint_without_the_chat_tokens_is_refused(tmp_path):
+    """A checkpoint whose tokenizer lacks the chat's special tokens cannot be trained on conversations."""
+    hf_dir, _ = tiny_hf_dir(tmp_path)
+    tok = Tokenizer.from_pretrained(hf_dir)
+    os.remove(hf_dir / "tokenizer.tiktoken")
+    tok.save_hf(str(hf_dir))
+    spec = json.loads((hf_dir / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|im_start|>"]
+    (hf_dir / "tokenizer.json").write_text(json.dumps(spec))
+    data = write_jsonl(tmp_path / "d.jsonl", colour_lines(0))
+    with pytest.raises(ValueError, match=r"--init_from .*lacks the special tokens \['<\|im_start\|>'\]"):
+        train.main(["--init_from", str(hf_dir), "--data", str(data), "--out_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
