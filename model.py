@@ -244,17 +244,21 @@ class Qwen3VLConfig:
         # The flag that ties the head: 4.57 reads text_config's (default False), 5.x the top-level one (default
         # False; 5.x also writes a text_config flag that it never reads, True for the MoE models).
         top, sub = d.pop("tie_word_embeddings", None), text.pop("tie_word_embeddings", None)
-        tie = bool({"v4": sub, "v5": top}[generation])
+        tie = {"v4": sub, "v5": top}[generation]
+        if tie not in (None, True, False):
+            raise TypeError(f"{where}: tie_word_embeddings={tie!r}: must be True or False")
         for section, name in ((d, ""), (text, "text_config."), (vision, "vision_config.")):
             for key, want in HF_FIXED_VALUES.get(name.rstrip("."), {}).items():
                 if key in section and section.pop(key) != want:
                     raise ValueError(f"{where}: {name}{key} must be {want!r} (the architecture implemented here)")
             for key in HF_HARMLESS_KEYS:
                 section.pop(key, None)
-        return cls(text=_build(TextConfig, text, "text_config", where), vision=_build(VisionConfig, vision,
-                                                                                     "vision_config", where),
-                   tie_word_embeddings=tie,
-                   **_checked(cls, d, "top-level", skip=("text", "vision", "tie_word_embeddings"), file=where))
+        try:                                             # what the config cannot run is named with the file
+            return cls(text=_build(TextConfig, text, "text_config"),
+                       vision=_build(VisionConfig, vision, "vision_config"), tie_word_embeddings=bool(tie),
+                       **_checked(cls, d, "top-level", skip=("text", "vision", "tie_word_embeddings")))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
 
     def to_hf_dict(self, format="v5"):
         """
@@ -365,6 +369,8 @@ def _read_text_rope(text, where):
         raise ValueError(f"{where}: text_config holds both rope_scaling (transformers 4.57) and rope_parameters "
                          "(5.x); expected one of them")
     name = "text_config.rope_parameters" if params is not None else "text_config.rope_scaling"
+    if not isinstance(params or legacy or {}, dict):
+        raise TypeError(f"{where}: {name}={params or legacy!r}: must be a JSON object")
     rope = dict(params or legacy or {})
     if "rope_theta" in text:
         theta = text.pop("rope_theta")
@@ -385,17 +391,17 @@ def _read_text_rope(text, where):
                          "mrope_section, mrope_interleaved")
 
 
-def _checked(cls, d, where, skip=(), file=None):
+def _checked(cls, d, where, skip=()):
     """Refuse keys the dataclass does not know: a typo must never be silently ignored."""
     known = {f.name for f in fields(cls)} - set(skip)
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{file + ': ' if file else ''}unknown {where} key(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"unknown {where} key(s) {unknown}; known: {sorted(known)}")
     return d
 
 
-def _build(cls, d, where, file=None):
-    return cls(**_checked(cls, d, where, file=file))
+def _build(cls, d, where):
+    return cls(**_checked(cls, d, where))
 
 
 def trained_tokenizer_ids(vocab_size):

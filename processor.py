@@ -468,6 +468,8 @@ def _processor_kwargs(config, video, file):
     prefix = "video_" if video else ""
     kw = {}
     size = config.pop("size", {})
+    if not isinstance(size, dict):
+        raise TypeError(f"size={size!r}: must be a JSON object")
     for edge, key in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
         value = config.pop(key, size.pop(edge, None))            # ours: min_pixels / max_pixels; the reference: size
         if value is not None:

@@ -679,7 +679,7 @@ class Tokenizer:
         # Thinking: the last user message that is a query, not tool results written as a user message
         last_query = len(messages) - 1
         for i in reversed(range(len(messages))):
-            if messages[i]["role"] == "user":
+            if messages[i].get("role") == "user":
                 text = "".join(t if kind == "text" else "\0" for kind, t in
                                content_items(messages[i].get("content"), "user"))
                 if not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):

@@ -127,7 +127,7 @@ def test_tensor_of_another_float_dtype_is_cast_to_the_others(ckpt, ours):
 
 
 # ------------------------------------------------------------------------------------------------ config.json
-CONFIG_CASES = [   # (where, key, value, error, message after '<dir>: ')
+CONFIG_CASES = [   # (where, key, value, error, message after '<dir>/config.json: ')
     ("text_config", "num_hidden_layers", 10**9, ValueError,
      "text.num_hidden_layers=1000000000: must be an integer in [1, 1024]"),
     ("text_config", "hidden_size", -64, ValueError, "text.hidden_size=-64: must be an integer in [1, 65536]"),
@@ -137,7 +137,8 @@ CONFIG_CASES = [   # (where, key, value, error, message after '<dir>: ')
     ("text_config", "num_key_value_heads", 3, ValueError,
      "text.num_key_value_heads=3: must divide text.num_attention_heads=4 (each kv head serves a group)"),
     ("text_config", "rms_norm_eps", 0, ValueError, "text.rms_norm_eps=0: must be a finite number in (0, 1]"),
-    ("text_config", "rope_theta", -1, ValueError, "text.rope_theta=-1: must be a finite number > 0"),
+    ("text_config", "rope_parameters", {"rope_type": "default", "rope_theta": -1, "mrope_section": [4, 2, 2]},
+     ValueError, "text.rope_theta=-1: must be a finite number > 0"),
     ("text_config", "max_position_embeddings", 2**40, ValueError,
      "text.max_position_embeddings=1099511627776: must be an integer in [1, 16777216]"),
     ("vision_config", "num_heads", 3, ValueError,
@@ -155,10 +156,10 @@ CONFIG_CASES = [   # (where, key, value, error, message after '<dir>: ')
     (None, "video_token_id", 151655, ValueError, "image_token_id=151655, video_token_id=151655, "
      "vision_start_token_id=151652, vision_end_token_id=151653: must be four different ids"),
     (None, "tie_word_embeddings", "yes", TypeError, "tie_word_embeddings='yes': must be True or False"),
-    ("text_config", "rope_scaling", {"rope_type": "default", "mrope_section": [4, 2, 3]}, ValueError,
-     "text.mrope_section=[4, 2, 3]: must be 3 integers >= 0 (t, h, w) summing to text.head_dim / 2 = 8"),
-    ("text_config", "rope_scaling", [1], TypeError, "config.json: text_config.rope_scaling=[1]: must be a JSON object"),
-    (None, "text_config", "dense", TypeError, "config.json: text_config='dense': must be a JSON object"),
+    ("text_config", "rope_parameters", {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 3]},
+     ValueError, "text.mrope_section=[4, 2, 3]: must be 3 integers >= 0 (t, h, w) summing to text.head_dim / 2 = 8"),
+    ("text_config", "rope_parameters", [1], TypeError, "text_config.rope_parameters=[1]: must be a JSON object"),
+    (None, "text_config", "dense", TypeError, "text_config='dense': must be a JSON object"),
 ]
 
 
@@ -166,8 +167,8 @@ CONFIG_CASES = [   # (where, key, value, error, message after '<dir>: ')
 def test_config_that_cannot_work_is_refused_on_read(ckpt, where, key, value, error, message):
     before = digest(ckpt)
     edit_json(ckpt / "config.json", lambda d: (d[where] if where else d).__setitem__(key, value))
-    raises(error, f"{str(ckpt)!r}: {message}", read_hf_config, ckpt)
-    raises(error, f"{str(ckpt)!r}: {message}", Qwen3VL.from_pretrained, ckpt)
+    raises(error, f"{ckpt / 'config.json'}: {message}", read_hf_config, ckpt)
+    raises(error, f"{ckpt / 'config.json'}: {message}", Qwen3VL.from_pretrained, ckpt)
     assert {k: v for k, v in digest(ckpt).items() if k != "config.json"} == \
            {k: v for k, v in before.items() if k != "config.json"}
 
