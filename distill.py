@@ -558,10 +558,6 @@ def load_cache(path, settings):
 # The loop
 
 
-def step_rows(step, batch_size):
-    return list(range(step * batch_size, (step + 1) * batch_size))
-
-
 def step_draws(args, step):
     """Whether step `step` is an on-policy batch, and the seed of its sampling: a function of (seed, step) alone."""
     rng = random.Random(f"distill/{args.seed}/{step}")
@@ -600,7 +596,7 @@ def held_out_kls(student, teacher, outputs, processor, eval_data, stage, args, r
     replies (what the off-policy phase lowers), and with the teacher in memory eval_rkl, the reverse KL along
     replies the student samples to their prompts (what the on-policy phase lowers; the same seeds every time).
     """
-    rows = sorted(outputs.rows)
+    rows = list(range(args.eval_samples))
     sums = {}                                                  # name -> (sum of loss x tokens, tokens)
     for i in range(0, len(rows), args.batch_size):
         chunk = rows[i:i + args.batch_size]
@@ -638,6 +634,39 @@ def plot(out_dir, metrics):
     plt.close(fig)
 
 
+def teacher_side(args, run, teacher_path, teacher_tok, processor, data, stage, eval_data, eval_stage):
+    """
+    The teacher's weights (None when a cache serves the whole run, or once a new cache is written) and its outputs
+    for training (None: scored step by step) and held out (None without held-out data). An existing --teacher_cache
+    is checked against every row of the run here; a new one is written here, after the teacher has scored them all.
+    """
+    train_rows, eval_rows = list(range(args.steps * args.batch_size)), list(range(args.eval_samples))
+    if eval_data is None:
+        eval_rows = []
+    settings = cache_settings(args, teacher_path, teacher_tok)
+    if args.teacher_cache and os.path.isfile(args.teacher_cache):
+        cached = load_cache(args.teacher_cache, settings)
+        for name, rows, d, st, answered in (("train", train_rows, data, stage, args.teacher_answers),
+                                            ("eval", eval_rows, eval_data, eval_stage, False)):
+            for i in range(0, len(rows), args.batch_size):
+                teacher_batch(cached[name], processor, d, rows[i:i + args.batch_size], st, answered)
+        run.say(f"teacher outputs from {args.teacher_cache}: {cached['train'].span()} for training, "
+                f"{cached['eval'].span()} held out")
+        return None, cached["train"], cached["eval"] if eval_rows else None
+    teacher = load_model(teacher_path, run.device, run.dtype).requires_grad_(False)
+    eval_outputs = score_replies(teacher, processor, eval_data, eval_rows, eval_stage, args, run, False,
+                                 "the teacher") if eval_rows else None
+    if not args.teacher_cache:
+        return teacher, None, eval_outputs
+    t0 = time.time()
+    train_outputs = score_replies(teacher, processor, data, train_rows, stage, args, run, args.teacher_answers,
+                                  f"--teacher_cache {args.teacher_cache}")
+    save_cache(args.teacher_cache, {"train": train_outputs, "eval": eval_outputs}, settings)
+    run.say(f"wrote {args.teacher_cache}: the teacher's top-{args.top_k} along {len(train_rows)} training and "
+            f"{len(eval_rows)} held-out replies in {time.time() - t0:.0f}s; teacher freed")
+    return None, train_outputs, eval_outputs
+
+
 def main(argv=None):
     """The run: everything is read and checked before the first step or the first file written (except a new
     --teacher_cache, written once the teacher has scored every reply). Returns the metrics."""
@@ -659,43 +688,16 @@ def main(argv=None):
     teacher_path, teacher_tok, teacher_cfg, teacher_processor = read_teacher(args.teacher)
     tok, cfg, processor, start = student_setup(args, (teacher_path, teacher_tok, teacher_cfg, teacher_processor),
                                                resume)
-    check_shared_vocabulary((args.teacher, teacher_tok, teacher_cfg),
-                            (resume or args.student, tok, cfg))
+    check_shared_vocabulary((args.teacher, teacher_tok, teacher_cfg), (resume or args.student, tok, cfg))
     if args.top_k > cfg.text.vocab_size:
         raise ValueError(f"--top_k {args.top_k}: more than the vocabulary ({cfg.text.vocab_size} logits)")
-
-    # the teacher's outputs: a cache read and checked against every row of the run, or the teacher's weights
-    train_rows, eval_rows = list(range(args.steps * args.batch_size)), list(range(args.eval_samples))
-    settings = cache_settings(args, teacher_path, teacher_tok)
-    cached = load_cache(args.teacher_cache, settings) if args.teacher_cache and os.path.isfile(args.teacher_cache) \
-        else None
-    if cached is not None:
-        for name, rows, d, st, answered in (("train", train_rows, data, stage, args.teacher_answers),
-                                            ("eval", eval_rows if eval_data else [], eval_data, eval_stage, False)):
-            for i in range(0, len(rows), args.batch_size):
-                teacher_batch(cached[name], processor, d, rows[i:i + args.batch_size], st, answered)
-        run.say(f"teacher outputs from {args.teacher_cache}: {cached['train'].span()} for training, "
-                f"{cached['eval'].span()} held out")
-    teacher = None if cached is not None else load_model(teacher_path, run.device, run.dtype).requires_grad_(False)
+    teacher, train_outputs, eval_outputs = teacher_side(args, run, teacher_path, teacher_tok, processor, data, stage,
+                                                        eval_data, eval_stage)
     torch.manual_seed(args.seed)
     args.init_from = start or ""                         # what train.build_model names in its errors
     student = train.build_model(args, cfg, start, resume, run)
     freeze_vision(student, args.unfreeze_vision)
     optimizer = train.make_optimizer(student, args, run.device)
-
-    eval_outputs = cached["eval"] if cached is not None and eval_data is not None else None
-    if eval_data is not None and eval_outputs is None:
-        eval_outputs = score_replies(teacher, processor, eval_data, eval_rows, eval_stage, args, run, False,
-                                     "the teacher")
-    train_outputs = cached["train"] if cached is not None else None
-    if args.teacher_cache and cached is None:
-        t0 = time.time()
-        train_outputs = score_replies(teacher, processor, data, train_rows, stage, args, run, args.teacher_answers,
-                                      f"--teacher_cache {args.teacher_cache}")
-        save_cache(args.teacher_cache, {"train": train_outputs, "eval": eval_outputs}, settings)
-        run.say(f"wrote {args.teacher_cache}: the teacher's top-{args.top_k} along {len(train_rows)} training and "
-                f"{len(eval_rows) if eval_data else 0} held-out replies in {time.time() - t0:.0f}s; teacher freed")
-        teacher = None
 
     os.makedirs(args.out_dir, exist_ok=True)
     run.say(f"writing to {os.path.abspath(args.out_dir)}")
@@ -705,13 +707,29 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
             metrics = [m for m in map(json.loads, f) if m["step"] <= step]    # drop what was logged after the save
         run.say(f"resumed from {resume} at step {step}")
+    train_student(args, run, student, optimizer, teacher, train_outputs, eval_outputs, tok, processor,
+                  (data, stage), (eval_data, eval_stage), step, metrics)
+    train.export_hf(student, tok, processor, os.path.join(args.out_dir, "hf"), run.rank,
+                    getattr(torch, args.export_dtype))
+    run.say(f"wrote {args.out_dir}/: loss.png, metrics.jsonl, checkpoints, hf/ (Hugging Face export)")
+    return metrics
+
+
+def train_student(args, run, student, optimizer, teacher, train_outputs, eval_outputs, tok, processor, train_data,
+                  eval_data, step, metrics):
+    """
+    The loop from `step` to --steps: each step an on-policy or an off-policy batch (step_draws); the held-out KLs
+    at the start, every --eval_every steps and at the end, each time with the plot and a checkpoint. train_data,
+    eval_data: (dataset, stage). Appends to metrics and metrics.jsonl.
+    """
+    (data, stage), (eval_set, eval_stage) = train_data, eval_data
     with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a", buffering=1)
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a", buffering=1)           # line by line
 
     def evaluate(step):
         if eval_outputs is not None:
-            kls = held_out_kls(student, teacher, eval_outputs, processor, eval_data, eval_stage, args, run)
+            kls = held_out_kls(student, teacher, eval_outputs, processor, eval_set, eval_stage, args, run)
             metrics.append(dict(step=step, **kls))
             log.write(json.dumps(metrics[-1]) + "\n")
             run.say(f"held-out at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in kls.items()))
@@ -722,7 +740,7 @@ def main(argv=None):
     while step < args.steps:
         t0 = time.time()
         on_policy, seed = step_draws(args, step)
-        rows = step_rows(step, args.batch_size)
+        rows = list(range(step * args.batch_size, (step + 1) * args.batch_size))       # the step's data rows
         lr = train.cosine(step, args.steps, args.lr, args)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
@@ -752,10 +770,6 @@ def main(argv=None):
             plot(args.out_dir, metrics)
             train.save_checkpoint(args.out_dir, student, optimizer, tok, processor, step, args, run.rank)
     log.close()
-    train.export_hf(student, tok, processor, os.path.join(args.out_dir, "hf"), run.rank,
-                    getattr(torch, args.export_dtype))
-    run.say(f"wrote {args.out_dir}/: loss.png, metrics.jsonl, checkpoints, hf/ (Hugging Face export)")
-    return metrics
 
 
 if __name__ == "__main__":
