@@ -202,7 +202,7 @@ def get_parser():
                    "every reply of the run; written if missing (then the teacher is freed), else read and checked")
     # losses
     p.add_argument("--top_k", type=int, default=64, help="teacher log-probs kept per token in off-policy batches "
-                   "(plus one tail bucket; the vocabulary size: the full forward KL)")
+                   "(plus one tail bucket; as many as the logits: the full forward KL)")
     p.add_argument("--temperature", type=float, default=1.0, help="of both distributions in every loss, the "
                    "teacher's top-k and the student's on-policy sampling (1: the models' own distributions)")
     p.add_argument("--lambda_off", type=float, default=0.0, help="--phase on: the probability that a step is an "
@@ -310,7 +310,7 @@ def fingerprint(tok):
     """A digest of a tokenizer's ranks and special tokens (recorded in a teacher cache)."""
     h = hashlib.sha256()
     for token, rank in sorted(tok.ranks.items(), key=lambda kv: kv[1]):
-        h.update(token + b"\0")
+        h.update(len(token).to_bytes(4, "little") + token)
     h.update(json.dumps(sorted(tok.special.items())).encode())
     return h.hexdigest()
 
@@ -389,10 +389,10 @@ def sampled_replies(model, prompts, tok, args, run, temperature, generator=None)
     with run.autocast:
         tokens = generate(model, **on_device(prompts, run.device), max_new_tokens=args.max_new_tokens,
                           temperature=temperature, eos_ids=stop_ids(tok), pad_id=tok.pad_id, generator=generator)
-    stops = torch.tensor(stop_ids(tok), device=tokens.device)
+    stops = torch.tensor(stop_ids(tok))
     replies = []
     for row in tokens.cpu():                                                       # [L]
-        ends = torch.isin(row, stops.cpu()).nonzero()
+        ends = torch.isin(row, stops).nonzero()
         replies.append(row[:int(ends[0]) + 1] if len(ends) else row)
     return replies
 

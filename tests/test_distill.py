@@ -355,3 +355,25 @@ def test_bad_inputs_stop_before_the_first_step(teacher_dir, tmp_path):
         with pytest.raises(ValueError, match=message):
             distill.main(loop_args(teacher_dir, out) + extra)
         assert not out.exists()
+
+
+def test_a_reply_ends_at_a_stop_and_its_last_token_is_only_a_target(monkeypatch):
+    """A sampled reply ends at its first EOS or visual placeholder (without pixels a placeholder is no valid input);
+    the rows hold the prompt and every reply token but the last, and the mask marks the positions predicting the
+    reply."""
+    from argparse import Namespace
+    from contextlib import nullcontext
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(["a tiny corpus of words"] * 20, 300)
+    pad, img = tok.pad_id, tok.image_token_id
+    sampled = torch.tensor([[5, img, 7, 8], [5, 6, tok.im_end_id, pad], [5, 6, 7, 8]])
+    monkeypatch.setattr(distill, "generate", lambda *a, **k: sampled)
+    prompts = dict(input_ids=torch.tensor([[pad, 1, 2], [1, 2, 3], [pad, pad, 4]]),
+                   attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]]))
+    run = Namespace(autocast=nullcontext(), device=torch.device("cpu"))
+    replies = distill.sampled_replies(None, prompts, tok, Namespace(max_new_tokens=4), run, 1.0)
+    assert [r.tolist() for r in replies] == [[5, img], [5, 6, tok.im_end_id], [5, 6, 7, 8]]
+    inputs, mask = distill.join(prompts, replies, pad)
+    assert inputs["input_ids"].tolist() == [[pad, pad, 1, 2, 5], [1, 2, 3, 5, 6], [pad, 4, 5, 6, 7]]
+    assert inputs["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert mask.int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]
