@@ -463,7 +463,8 @@ class TeacherOutputs:
         rows, prompt_lengths, reply_lengths = (tensors[f"{prefix}.{k}"].tolist()
                                                for k in ("rows", "prompt_lengths", "reply_lengths"))
         tokens = tensors[f"{prefix}.tokens"].split([p + r for p, r in zip(prompt_lengths, reply_lengths)])
-        ids, logprobs = tensors[f"{prefix}.ids"].long().split(reply_lengths), tensors[f"{prefix}.logprobs"].split(reply_lengths)
+        ids = tensors[f"{prefix}.ids"].long().split(reply_lengths)
+        logprobs = tensors[f"{prefix}.logprobs"].split(reply_lengths)
         for r, t, p, i, lp in zip(rows, tokens, prompt_lengths, ids, logprobs):
             out.rows[r] = (t[:p], t[p:], i, lp)
         return out

@@ -313,16 +313,16 @@ def test_tokenizers_must_match():
     swapped["<|im_start|>"], swapped["<|im_end|>"] = tok.im_end_id, tok.im_start_id
     shuffled = Tokenizer(tok.ranks, swapped)
     cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320))
-    wider = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=384), **{
-        k: getattr(cfg, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
+    visual = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    wider = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=384), **{k: getattr(cfg, k) for k in visual})
     distill.check_shared_vocabulary(("t", tok, cfg), ("s", Tokenizer(tok.ranks), cfg))
     for student, problem in [((other, cfg), "their BPE vocabularies differ"),
                              ((shuffled, cfg), f"their special-token ids differ: <\\|im_end\\|> {tok.im_end_id} vs "
                                                f"{tok.im_start_id}, <\\|im_start\\|> {tok.im_start_id} vs "
                                                f"{tok.im_end_id}"),
                              ((tok, wider), "their models have 320 and 384 logits")]:
-        with pytest.raises(ValueError, match=f"the teacher 'T' \\({tok.n_vocab} tokens, 320 logits.*and the student 'S' "
-                                             f".* do not share a tokenizer: {problem}"):
+        with pytest.raises(ValueError, match=f"the teacher 'T' \\({tok.n_vocab} tokens, 320 logits.*and the student "
+                                             f"'S' .* do not share a tokenizer: {problem}"):
             distill.check_shared_vocabulary(("T", tok, cfg), ("S", *student))
 
 
