@@ -152,7 +152,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     """--help shows the module docstring as written and every flag's default."""
 
 
-TOY_STAGES = ("shapes", "video", "binding")     # named in --help; data.toy.STAGES defines them
+TOY_STAGES = ("shapes", "video", "binding", "text")     # named in --help; data.toy.STAGES defines them
 AT_LEAST = dict(batch_size=1, seq_len=8, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0, test_samples=0,
                 max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1, image_size=96,
                 min_pixels=0, max_pixels=0)

@@ -45,6 +45,9 @@ STAGES = {
     # (without them the timestamp checks fade meanwhile)
     "binding": ("sft", {"binding": 1.0, "video": 1.0}),
     "sft": ("sft", {**STAGE1, "video": 3.0, "binding": 3.0, **LOOKUPS}),
+    # text-only questions at SFT's loss: the data of distill.py (the paper distils on text-only data), and of an SFT
+    # baseline to compare it with (python train.py --stages text:N)
+    "text": ("sft", {"text": 1.0, "lookup": 1.0}),
 }
 MIXES = {name: mix for name, (_, mix) in STAGES.items()}
 

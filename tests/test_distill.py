@@ -1,11 +1,19 @@
 """distill.py against the math (shared/reference/post_training.md §4, properties of §6 "Distillation losses"): signs
 and zeros of the divergences, gradients by autograd against closed forms, the reference values of the appendix,
-JSD's bounds, limits and endpoints, temperature (no T^2 factor), top-k with a tail bucket, masking, arguments."""
+JSD's bounds, limits and endpoints, temperature (no T^2 factor), top-k with a tail bucket, masking, arguments.
+The loop, with a tiny random teacher and a toy-cpu student on the toy world's text questions: off-policy and
+on-policy steps lower the held-out KLs, a resumed run repeats the uninterrupted one bitwise, the teacher cache holds
+the teacher's top-k at the right positions and trains exactly as the teacher online, bad inputs stop the run before
+it writes anything."""
+import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
+import distill
 from distill import forward_kl, forward_kl_topk, jsd, reverse_kl, teacher_topk
 
 B, T, V = 2, 4, 7
@@ -187,3 +195,185 @@ def test_argument_checks():
                 loss(s, t, MASK, temperature=temperature)
     with pytest.raises(ValueError, match="beta must be in \\[0, 1\\], got 1.5"):
         jsd(s, t, MASK, beta=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny random teacher (toy-cpu sizes, weights at std 0.1: a peaked distribution to learn) with a BPE trained
+    on the toy world's text, saved as a Hugging Face directory."""
+    from data.toyworld import ToyWorld
+    from model import Qwen3VL, Qwen3VLConfig
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(ToyWorld(seed=0).text_corpus(300), 300)
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320), image_token_id=tok.image_token_id,
+                                    video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_id,
+                                    vision_end_token_id=tok.vision_end_id)
+    teacher = Qwen3VL(cfg)
+    teacher.init_weights(seed=5, std=0.1)
+    path = tmp_path_factory.mktemp("teacher") / "hf"
+    teacher.save_pretrained(path)
+    tok.save(str(path / "tokenizer.tiktoken"))
+    return str(path)
+
+
+def loop_args(teacher_dir, out_dir, *extra):
+    return ["--teacher", teacher_dir, "--student", "toy-cpu", "--out_dir", str(out_dir), "--steps", "6",
+            "--batch_size", "4", "--eval_samples", "4", "--eval_every", "3", "--lr", "3e-3", "--warmup", "1",
+            "--max_new_tokens", "6", "--top_k", "16", *extra]
+
+
+def logged(out_dir, key):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [m[key] for m in map(json.loads, f) if key in m]
+
+
+def test_off_then_on_policy_steps_lower_the_held_out_kl(teacher_dir, tmp_path, capsys):
+    """Off-policy steps lower the forward KL along held-out replies; on-policy steps from that student (--student its
+    run folder) lower the reverse KL along its samples to held-out prompts. Only the LLM learns (the ViT and mergers
+    leave the on-policy run as they came in); each run writes its progress, metrics, plot, checkpoint and export."""
+    from model import Qwen3VL
+    off, on = tmp_path / "off", tmp_path / "on"
+    distill.main(loop_args(teacher_dir, off))
+    kl = logged(off, "eval_kl")
+    assert len(kl) == 3 and kl[-1] < 0.7 * kl[0], kl
+    assert "step     1/6 | off | loss" in capsys.readouterr().out
+    distill.main(loop_args(teacher_dir, on, "--phase", "on", "--lr", "1e-3") + ["--student", str(off)])
+    rkl = logged(on, "eval_rkl")
+    assert logged(on, "batch") == ["on"] * 6 and rkl[-1] < 0.9 * rkl[0], rkl
+    for name in ("loss.png", "metrics.jsonl", "latest", "hf/config.json"):
+        assert os.path.exists(on / name), name
+    before, after = Qwen3VL.from_pretrained(off / "hf").state_dict(), Qwen3VL.from_pretrained(on / "hf").state_dict()
+    assert all(torch.equal(before[n], after[n]) == n.startswith("visual.") for n in before)
+
+
+def test_resume_repeats_the_uninterrupted_run(teacher_dir, tmp_path):
+    """A run stopped after its checkpoint at step 2 and resumed: bitwise the same losses (off- and on-policy
+    batches, --lambda_off 0.5) and held-out KLs as the run that was not stopped."""
+    args = loop_args(teacher_dir, tmp_path, "--phase", "on", "--lambda_off", "0.5", "--steps", "4", "--eval_every",
+                     "2", "--seed", "2")
+    distill.main(args)
+    losses, kls = logged(tmp_path, "loss"), logged(tmp_path, "eval_rkl")
+    assert logged(tmp_path, "batch") == ["off", "on", "off", "on"]
+    shutil.rmtree(tmp_path / "ckpt-0000004")                 # as if stopped after step 2's checkpoint
+    shutil.rmtree(tmp_path / "hf")
+    (tmp_path / "latest").write_text("ckpt-0000002")
+    distill.main(args + ["--resume"])
+    assert logged(tmp_path, "loss") == losses and logged(tmp_path, "eval_rkl") == kls
+
+
+def test_teacher_cache_round_trips(teacher_dir, tmp_path, monkeypatch):
+    """The cache holds each reply's tokens and the teacher's top-k at the position that predicts each (checked
+    against a forward pass over the chat template's encoding); a run from it never loads the teacher's weights and
+    trains bitwise as the teacher online. With --teacher_answers the replies are the teacher's greedy ones."""
+    from data.toy import ToyData
+    from sample import generate, load
+    cache = str(tmp_path / "top16.safetensors")
+    args = ["--steps", "2", "--eval_every", "0"]
+    distill.main(loop_args(teacher_dir, tmp_path / "online", *args))
+    distill.main(loop_args(teacher_dir, tmp_path / "write", *args, "--teacher_cache", cache))
+    monkeypatch.setattr(distill, "load_model", lambda *a, **k: pytest.fail("the teacher's weights were loaded"))
+    distill.main(loop_args(teacher_dir, tmp_path / "read", *args, "--teacher_cache", cache))
+    online = logged(tmp_path / "online", "loss")
+    assert logged(tmp_path / "write", "loss") == online == logged(tmp_path / "read", "loss")
+    assert logged(tmp_path / "read", "eval_kl") == logged(tmp_path / "online", "eval_kl")
+    monkeypatch.undo()
+
+    teacher, tok, processor = load(teacher_dir)
+    settings = distill.cache_settings(distill.parse_args(loop_args(teacher_dir, tmp_path)), teacher_dir, tok)
+    outputs = distill.load_cache(cache, settings)
+    assert sorted(outputs["train"].rows) == list(range(8)) and sorted(outputs["eval"].rows) == list(range(4))
+    sample = ToyData(seed=0).sample(5, distill.TEXT_STAGE)
+    batch = processor([sample["messages"]])
+    targets = batch["labels"][0, 1:] != -100                             # position t predicts token t + 1
+    logits = teacher(batch["input_ids"], batch["attention_mask"])[0][0, :-1][targets]
+    ids, logprobs = teacher_topk(logits, 16)
+    prompt, reply, stored_ids, stored_logprobs = outputs["train"].rows[5]
+    assert torch.equal(torch.cat([prompt, reply]), batch["input_ids"][0, :len(prompt) + len(reply)])
+    assert torch.equal(reply, batch["labels"][0][batch["labels"][0] != -100])
+    assert torch.equal(stored_ids, ids) and torch.allclose(stored_logprobs, logprobs, atol=1e-5)
+
+    answers = str(tmp_path / "answers.safetensors")
+    distill.main(loop_args(teacher_dir, tmp_path / "answers", *args, "--teacher_answers", "--teacher_cache", answers))
+    prompt, reply, _, _ = distill.load_cache(answers, {"teacher_answers": True})["train"].rows[5]
+    greedy = generate(teacher, prompt[None], max_new_tokens=6, temperature=0.0, eos_ids=distill.stop_ids(tok))[0]
+    assert torch.equal(reply, greedy[:len(reply)]) and (len(reply) == 6 or reply[-1] in distill.stop_ids(tok))
+
+
+def test_tokenizers_must_match():
+    """Teacher and student must share the BPE, the special-token ids and the number of logits."""
+    from model import Qwen3VLConfig
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(["a tiny corpus of words"] * 20, 300)
+    other = Tokenizer.train(["another corpus, other merges"] * 20, 300)
+    swapped = {t: i for t, i in tok.special.items()}
+    swapped["<|im_start|>"], swapped["<|im_end|>"] = tok.im_end_id, tok.im_start_id
+    shuffled = Tokenizer(tok.ranks, swapped)
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320))
+    visual = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    wider = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=384), **{k: getattr(cfg, k) for k in visual})
+    distill.check_shared_vocabulary(("t", tok, cfg), ("s", Tokenizer(tok.ranks), cfg))
+    for student, problem in [((other, cfg), "their BPE vocabularies differ"),
+                             ((shuffled, cfg), f"their special-token ids differ: <\\|im_end\\|> {tok.im_end_id} vs "
+                                               f"{tok.im_start_id}, <\\|im_start\\|> {tok.im_start_id} vs "
+                                               f"{tok.im_end_id}"),
+                             ((tok, wider), "their models have 320 and 384 logits")]:
+        with pytest.raises(ValueError, match=f"the teacher 'T' \\({tok.n_vocab} tokens, 320 logits.*and the student "
+                                             f"'S' .* do not share a tokenizer: {problem}"):
+            distill.check_shared_vocabulary(("T", tok, cfg), ("S", *student))
+
+
+def test_bad_inputs_stop_before_the_first_step(teacher_dir, tmp_path):
+    """A student with another tokenizer, a teacher cache that does not match the data rows or the settings, top_k
+    larger than the vocabulary, a temperature <= 0: a clear error, and no out_dir written."""
+    from model import Qwen3VL, Qwen3VLConfig
+    from tokenizer import Tokenizer
+    out = tmp_path / "out"
+    tok = Tokenizer.train(["another corpus, other merges"] * 20, 300)
+    student = tmp_path / "student"
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=320))
+    Qwen3VL(cfg).save_pretrained(student)
+    tok.save(str(student / "tokenizer.tiktoken"))
+    cache = str(tmp_path / "cache.safetensors")
+    distill.main(loop_args(teacher_dir, tmp_path / "made", "--steps", "2", "--teacher_cache", cache))
+    cases = [
+        (["--student", str(student)], f"the teacher '{teacher_dir}' .* and the student '{student}' .* do not share a "
+                                      "tokenizer: their BPE vocabularies differ"),
+        (["--steps", "3", "--teacher_cache", cache], f"--teacher_cache {cache}: no teacher outputs for sample 8 "
+                                                     r"\(toy world train #8\); it holds 8 samples, numbers 0-7"),
+        (["--steps", "2", "--seed", "1", "--teacher_cache", cache], f"--teacher_cache {cache}: sample 0 "
+                                                                    r"\(toy world train #0\) does not match the data"),
+        (["--steps", "2", "--top_k", "8", "--teacher_cache", cache], "made with top_k = 16, this run has 8"),
+        (["--top_k", "321"], r"--top_k 321: more than the vocabulary \(320 logits\)"),
+        (["--temperature", "0"], "--temperature=0.0: must be a finite number > 0"),
+        (["--temperature", "-1"], "--temperature=-1.0: must be a finite number > 0"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            distill.main(loop_args(teacher_dir, out) + extra)
+        assert not out.exists()
+
+
+def test_a_reply_ends_at_a_stop_and_its_last_token_is_only_a_target(monkeypatch):
+    """A sampled reply ends at its first EOS or visual placeholder (without pixels a placeholder is no valid input);
+    the rows hold the prompt and every reply token but the last, and the mask marks the positions predicting the
+    reply."""
+    from argparse import Namespace
+    from contextlib import nullcontext
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(["a tiny corpus of words"] * 20, 300)
+    pad, img = tok.pad_id, tok.image_token_id
+    sampled = torch.tensor([[5, img, 7, 8], [5, 6, tok.im_end_id, pad], [5, 6, 7, 8]])
+    monkeypatch.setattr(distill, "generate", lambda *a, **k: sampled)
+    prompts = dict(input_ids=torch.tensor([[pad, 1, 2], [1, 2, 3], [pad, pad, 4]]),
+                   attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]]))
+    run = Namespace(autocast=nullcontext(), device=torch.device("cpu"))
+    replies = distill.sampled_replies(None, prompts, tok, Namespace(max_new_tokens=4), run, 1.0)
+    assert [r.tolist() for r in replies] == [[5, img], [5, 6, tok.im_end_id], [5, 6, 7, 8]]
+    inputs, mask = distill.join(prompts, replies, pad)
+    assert inputs["input_ids"].tolist() == [[pad, pad, 1, 2, 5], [1, 2, 3, 5, 6], [pad, 4, 5, 6, 7]]
+    assert inputs["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert mask.int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]
