@@ -74,7 +74,7 @@ STAGES = {   # the paper's stages: trainable part, tokens that carry loss, row l
 
 
 def get_parser():
-    from data.toy import SETTINGS
+    from data.toy import SETTINGS, STAGES as TOY_STAGES
     toy = ", ".join(f"--{k} {v}" for k, v in SETTINGS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter,
                                 epilog=__doc__.split("\n\n", 1)[1] + f"\nWith --data toy (the default) the toy recipe "
@@ -101,7 +101,8 @@ def get_parser():
                    "world's, or the released processor's)")
     p.add_argument("--max_pixels", type=int, default=0, help="image pixel budget, upper (0: as --min_pixels)")
     p.add_argument("--stages", default="sft:1000", help="name:steps,... in order; names: " + ", ".join(STAGES) +
-                   " (and a dataset's own: the toy world's " + ", ".join(TOY_STAGES) + ")")
+                   " (and a dataset's own: the toy world's " + ", ".join(n for n in TOY_STAGES if n not in STAGES)
+                   + ")")
     p.add_argument("--batch_size", type=int, default=1, help="packed rows per micro-step per rank")
     p.add_argument("--seq_len", type=int, default=4096, help="tokens per packed row (x2 in the long stage)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -152,7 +153,6 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     """--help shows the module docstring as written and every flag's default."""
 
 
-TOY_STAGES = ("shapes", "video", "binding", "text")     # named in --help; data.toy.STAGES defines them
 AT_LEAST = dict(batch_size=1, seq_len=8, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0, test_samples=0,
                 max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1, image_size=96,
                 min_pixels=0, max_pixels=0)
@@ -1091,10 +1091,12 @@ def finish(args, run, model, tok, processor, test_data, packer):
     export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), run.rank, getattr(torch, args.export_dtype))
     if run.rank == 0:
         written = ["loss.png", "metrics.jsonl", "hf/ (Hugging Face export)"]
+        if os.path.exists(os.path.join(args.out_dir, "metrics.png")):
+            written.append("metrics.png")
         if results:
             say("\n" + report(results, f"test ({args.test_samples or 'all'} per task)"))
             write_json(results, os.path.join(args.out_dir, "test_scores.json"))
-            written += ["metrics.png", "test_scores.json"]
+            written.append("test_scores.json")
         drawn = draw_example(examples, os.path.join(args.out_dir, "sample.png"))
         if drawn:
             say(f"\nsample: {drawn[0]}\n  model: {drawn[1]}\n  truth: {drawn[2]}")
