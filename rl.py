@@ -619,14 +619,16 @@ def update(model, optimizer, rollouts, advantages, args, run):
              "loss"]
     sums = torch.zeros(len(names), dtype=torch.float64, device=run.device)     # token-weighted sums, then loss
     grad_norms = []
-    params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs):
         for rows in slices:
             mask, adv = rollouts.mask[rows].to(run.device), advantages[rows].to(run.device)
             logp, entropy = forward(rows)
             loss = loss_fn(logp, old_logp[rows], adv, mask)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+            # the parameters as registered now, after the backward: FSDP swaps the root's between its sharded and
+            # unsharded tensors around a forward, and only the sharded ones hold the gradients
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                  args.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             n = mask.sum()

@@ -681,3 +681,43 @@ def test_bad_inputs_stop_before_writing(tiny, tmp_path):
     (out / "latest").write_text("ckpt-0000001")
     with pytest.raises(FileExistsError, match="holds a run; --resume it"):
         rl.main(["--init_from", tiny[3], "--out_dir", str(out)])
+
+
+FSDP_RUN = """
+import sys
+sys.path.insert(0, {root!r})
+from data.toy import ToyData
+import rl
+ToyData.score = lambda self, sample, reply: len(reply) % 3 / 2
+rl.main(sys.argv[1:])
+"""
+
+
+def test_fsdp_two_ranks_equal_one(tiny, tmp_path, monkeypatch):
+    """torchrun with 2 CPU ranks (gloo, FSDP2; each rank samples every rollout and updates on half of each
+    mini-batch) and 1 process: the same metrics and weights (the ranks sum gradients in another order, ~1e-9, which
+    Adam can turn into ~lr on a weight whose gradient is that small: lr 1e-4, weights within 1e-5). Also
+    guards the gradient norm under FSDP, which must read the parameters after the backward (read before it, the
+    root's unsharded embedding held no gradient and the norm missed it)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "run.py"
+    script.write_text(FSDP_RUN.format(root=root))
+    flags = ["--init_from", tiny[3], "--tasks", "count,text", "--prompts", "2", "--group_size", "2",
+             "--minibatches", "1", "--ppo_epochs", "2", "--steps", "2", "--max_new_tokens", "6", "--eval_samples", "0",
+             "--lr", "1e-4"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *flags,
+                    "--out_dir", str(tmp_path / "two")], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   check=True, capture_output=True)
+    monkeypatch.setattr(ToyData, "score", lambda self, sample, reply: len(reply) % 3 / 2)
+    one = rl.main(flags + ["--out_dir", str(tmp_path / "one")])
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(two) == len(one) == 2 and all(m["grad_norm"] > 0 for m in one)
+    for a, b in zip(two, one):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-5 * max(1, abs(value)), key
+    m2, m1 = Qwen3VL.from_pretrained(tmp_path / "two" / "hf"), Qwen3VL.from_pretrained(tmp_path / "one" / "hf")
+    for (name, p), q in zip(m2.state_dict().items(), m1.state_dict().values()):
+        assert (p - q).abs().max() <= 1e-5, name
