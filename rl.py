@@ -615,9 +615,8 @@ def update(model, optimizer, rollouts, advantages, args, run):
         with torch.no_grad():
             for rows in slices:
                 old_logp[rows] = forward(rows)[0] * rollouts.mask[rows].to(run.device)
-    names = ["tokens", "entropy", "ratio_dev", "sapo_gate_below_half", "grpo_clip_fraction", "gspo_clip_fraction",
-             "loss"]
-    sums = torch.zeros(len(names), dtype=torch.float64, device=run.device)     # token-weighted sums, then loss
+    token_means = ["entropy", "ratio_dev", "sapo_gate_below_half", "grpo_clip_fraction", "gspo_clip_fraction"]
+    sums = torch.zeros(2 + len(token_means), dtype=torch.float64)    # tokens, loss, token-weighted token_means
     grad_norms = []
     for _ in range(args.ppo_epochs):
         for rows in slices:
@@ -631,16 +630,17 @@ def update(model, optimizer, rollouts, advantages, args, run):
                                                   args.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            n = mask.sum()
-            stats = loss_stats(logp.detach(), old_logp[rows], adv, mask, **stat_kwargs)
-            sums += torch.stack([n, (entropy * mask).sum(), *(n * stats[k] for k in names[2:6]), loss.detach()
-                                 ]).double()
+            n = float(mask.sum())
+            values = dict(entropy=float((entropy * mask).sum()) / n,
+                          **loss_stats(logp.detach(), old_logp[rows], adv, mask, **stat_kwargs))
+            sums += torch.tensor([n, loss.item(), *(n * values[k] for k in token_means)], dtype=torch.float64)
             grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-    if run.distributed:
+    if run.distributed:                             # on the rank's device: NCCL reduces only CUDA tensors
+        sums = sums.to(run.device)
         dist.all_reduce(sums)
     updates = args.ppo_epochs * args.minibatches
-    out = {k: float(sums[i] / sums[0]) for i, k in enumerate(names[1:6], 1)}
-    return dict(out, loss=float(sums[6]) / (updates * run.world_size), grad_norm=sum(grad_norms) / updates)
+    return dict({k: float(sums[2 + i] / sums[0]) for i, k in enumerate(token_means)},
+                loss=float(sums[1]) / (updates * run.world_size), grad_norm=sum(grad_norms) / updates)
 
 
 def step_samples(data, step, n):
