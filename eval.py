@@ -146,8 +146,7 @@ def evaluate(model, processor, dataset, n, device, autocast, max_new_tokens, bat
                 out = generate(model, **batch, max_new_tokens=max_new_tokens, temperature=0.0,
                                eos_ids=processor.tok.eos_ids, pad_id=processor.tok.pad_id)
             for s, ids in zip(chunk, out.tolist()):
-                reply = processor.tok.decode([i for i in ids if i < processor.tok.n_vocab],
-                                             skip_special_tokens=True).strip()
+                reply = reply_text(processor.tok, ids)
                 by_kind.setdefault(s.get("kind", ""), []).append(dataset.score(s, reply))
                 examples.setdefault(task, (s, reply))
         kinds = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
@@ -155,6 +154,12 @@ def evaluate(model, processor, dataset, n, device, autocast, max_new_tokens, bat
                              chance=dataset.chance.get(task), kinds=kinds if len(kinds) > 1 else {})
     model.train()
     return results, examples
+
+
+def reply_text(tok, ids):
+    """A generated reply's text: its ids (a list) decoded without special tokens (and without the ids past the
+    tokenizer's vocabulary that the model's padded head can emit), stripped."""
+    return tok.decode([i for i in ids if i < tok.n_vocab], skip_special_tokens=True).strip()
 
 
 def report(results, title):

@@ -698,18 +698,19 @@ def export_hf(model, tok, processor, path, rank, dtype=torch.float32):
 # Evaluation
 
 
-def plot(out_dir, metrics, stage_list, chance):
-    """loss.png (training loss, stages marked) and metrics.png (evaluation score per task, its chance level dotted
-    in the same colour)."""
+def plot(out_dir, metrics, stage_list, chance, curve="loss"):
+    """<curve>.png (the training loss on a log scale, or another logged number such as RL's mean reward; stages
+    marked) and metrics.png (evaluation score per task, its chance level dotted in the same colour)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
-    train = [m for m in metrics if "loss" in m]
+    train = [m for m in metrics if curve in m]
     evals = [m for m in metrics if "eval" in m]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot([m["step"] for m in train], [m["loss"] for m in train], lw=1)
-    ax.set(xlabel="step", ylabel="train loss", yscale="log", title="training loss")
+    ax.plot([m["step"] for m in train], [m[curve] for m in train], lw=1)
+    ax.set(xlabel="step", ylabel=f"train {curve}", yscale="log" if curve == "loss" else "linear",
+           title=f"training {curve}")
     at = blended_transform_factory(ax.transData, ax.transAxes)
     edge = 0
     for i, (name, n) in enumerate(stage_list):
@@ -717,7 +718,7 @@ def plot(out_dir, metrics, stage_list, chance):
         ax.text(edge, 0.98 - 0.06 * (i % 3), f" {name}", transform=at, va="top", fontsize=8)   # 3 heights: no overlap
         edge += n
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"{curve}.png"), dpi=120)
     plt.close(fig)
     if evals:
         tasks = list(evals[-1]["eval"])
@@ -814,10 +815,7 @@ def main(argv=None):
         return print_plan(args)
     run = Run(args)
     data, eval_data, test_data = open_datasets(args)
-    resume = latest_checkpoint(args.out_dir, run.say) if args.resume else None
-    if not resume and not args.overwrite and os.path.isfile(os.path.join(args.out_dir, "latest")):
-        raise FileExistsError(f"--out_dir {args.out_dir!r} holds a run; --resume it, choose another --out_dir, or "
-                              "--overwrite it")
+    resume = checkpoint_to_resume(args, run.say)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -834,14 +832,30 @@ def main(argv=None):
     step, metrics = 0, []
     if resume:
         step = load_checkpoint(resume, model, optimizer, run.rank)
-        with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
-            metrics = [m for m in map(json.loads, f) if m["step"] <= step]   # drop what was logged after the save
+        metrics = logged_metrics(args.out_dir, step)
         run.say(f"resumed from {resume} at step {step}")
     train(args, run, model, optimizer, tok, processor, packer, eval_data, step, metrics)
     scores = finish(args, run, model, tok, processor, test_data, packer)
     if run.distributed:
         dist.destroy_process_group()
     return scores
+
+
+def checkpoint_to_resume(args, say):
+    """--resume: out_dir's latest good checkpoint. Otherwise None, and an out_dir that holds a run is refused unless
+    --overwrite."""
+    if args.resume:
+        return latest_checkpoint(args.out_dir, say)
+    if not args.overwrite and os.path.isfile(os.path.join(args.out_dir, "latest")):
+        raise FileExistsError(f"--out_dir {args.out_dir!r} holds a run; --resume it, choose another --out_dir, or "
+                              "--overwrite it")
+    return None
+
+
+def logged_metrics(out_dir, step):
+    """The metrics a resumed run keeps: those logged up to its checkpoint's step (later ones are logged again)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [m for m in map(json.loads, f) if m["step"] <= step]
 
 
 class Run:

@@ -21,8 +21,8 @@ and every sample is a dict with
     origin    where it came from, for error messages ("data/train.jsonl:12", "toy world train #7")
 
 Two implementations: data.jsonl.JsonlDataset (your conversations, one JSON object per line) and data.toy.ToyData
-(the built-in toy world with its training recipe). `Mixture` draws from several with weights. `open_data` turns
-the --data string of train.py / eval.py into a dataset.
+(the built-in toy world with its training recipe). `Mixture` draws from several with weights; `Tasks` keeps some
+of a dataset's tasks. `open_data` turns the --data string of train.py / eval.py / rl.py into a dataset.
 """
 import random
 
@@ -53,6 +53,39 @@ class Mixture:
 
     def score(self, sample, reply):
         return self.datasets[sample["part"]].score(sample, reply)
+
+
+class Tasks:
+    """
+    A dataset restricted to some of its tasks. Sample `index` is the first sample of one of them among the
+    dataset's samples [index * SPAN, (index + 1) * SPAN), so it stays a pure function of the index; evaluation
+    scores only these tasks.
+    """
+    SPAN = 256
+
+    def __init__(self, data, tasks):
+        known = set(getattr(data, "tasks", ())) | set(data.chance)     # a JSONL file's tasks; the toy world's
+        unknown = sorted(set(tasks) - known) if known else []
+        if not tasks or unknown:
+            raise ValueError(f"tasks {sorted(tasks)}: " + (f"unknown {unknown}; known: {sorted(known)}" if unknown
+                                                          else "name at least one"))
+        self.data, self.tasks = data, set(tasks)
+        self.chance = {t: c for t, c in data.chance.items() if t in self.tasks}
+        self.stages = data.stages
+
+    def sample(self, index, stage=None):
+        for i in range(index * self.SPAN, (index + 1) * self.SPAN):
+            s = self.data.sample(i, stage)
+            if s["task"] in self.tasks:
+                return s
+        raise BadSample(f"no sample of the tasks {sorted(self.tasks)} among samples [{index * self.SPAN}, "
+                        f"{(index + 1) * self.SPAN}) of the data (stage {stage!r})")
+
+    def eval_samples(self, n):
+        return [s for s in self.data.eval_samples(n) if s["task"] in self.tasks]
+
+    def score(self, sample, reply):
+        return self.data.score(sample, reply)
 
 
 def parse_data(spec):

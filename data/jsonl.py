@@ -13,6 +13,7 @@ Conversations from a JSONL file: one JSON object per line, in the `messages` lay
   filled in order from top-level "images" / "videos" lists.
 - "task", "answer" and "metric" (a name in eval.METRICS) are optional: evaluation groups scores by task (default
   "default") and compares the reply to "answer" (default: the last assistant message, which is then not shown).
+  "reward" (optional, a name in rl.REWARDS) is how rl.py scores a reply against "answer" (default: the metric).
 
 The file is read once, line by line, when the dataset is made: every line is parsed and checked (an error names
 the file, the line and the problem); only the byte offset of each line is kept. A sample is read from disk again
@@ -114,6 +115,10 @@ class JsonlDataset:
             raise bad(f'"task" must be a non-empty string, got {task!r}')
         if metric not in METRICS:
             raise bad(f'unknown "metric" {metric!r}; known: {sorted(METRICS)}')
+        reward = line.get("reward")
+        from rl import REWARDS
+        if reward is not None and reward not in REWARDS:
+            raise bad(f'unknown "reward" {reward!r}; known: {sorted(REWARDS)}')
         answer = line.get("answer")
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if answer is None:
@@ -128,7 +133,8 @@ class JsonlDataset:
             prompt, answer = (messages[:replies[-1]] if replies else messages), str(answer)
         if not any(m["role"] == "user" for m in prompt):
             raise bad("no user message before the reply")
-        return dict(messages=messages, prompt=prompt, task=task, answer=answer, metric=metric, origin=where)
+        sample = dict(messages=messages, prompt=prompt, task=task, answer=answer, metric=metric, origin=where)
+        return sample if reward is None else dict(sample, reward=reward)
 
     def message(self, m, i, media, bad):
         if not isinstance(m, dict) or "role" not in m:

@@ -1,6 +1,8 @@
 """rl.py against the math of SAPO, GRPO and GSPO (shared/reference/post_training.md §1-3, properties of §6): autograd
 gradients against closed forms, the gate's values and bounds, clipping, aggregation and padding, group advantages,
-the logged diagnostics, argument checks; and each verifiable reward on right, wrong and malformed replies."""
+the logged diagnostics, argument checks; each verifiable reward on right, wrong and malformed replies; and the loop
+on a tiny model: the policy's log-probs against the sampler's, a SAPO update that learns a preferred token, a run
+with rewards, checkpoints and a bitwise resume, and bad settings stopping it before it writes anything."""
 import math
 
 import pytest
@@ -462,3 +464,260 @@ def test_safe_reward():
     assert safe_reward(format_reward, THINK + "1", None) == 1.0
     assert reward_failures == {"broken: raised": 1, "<lambda>: nan": 1, "<lambda>: out of range": 2,
                                "<lambda>: raised": 1}
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+import json
+import os
+from argparse import Namespace
+from contextlib import nullcontext
+
+import rl
+from data import BadSample, Tasks
+from data.jsonl import JsonlDataset
+from data.toy import ToyData
+from data.toyworld import ToyWorld
+from model import Qwen3VL, Qwen3VLConfig
+from processor import Processor
+from tokenizer import Tokenizer
+
+CPU = Namespace(device=torch.device("cpu"), autocast=nullcontext(), rank=0, world_size=1, distributed=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random toy-cpu model with a small BPE of the toy world, its processor, and its Hugging Face directory."""
+    tok = Tokenizer.train(ToyWorld(seed=0).text_corpus(300), 400)
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=448), image_token_id=tok.image_token_id,
+                                    video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_id,
+                                    vision_end_token_id=tok.vision_end_id)
+    model = Qwen3VL(cfg)
+    model.init_weights(seed=1)
+    processor = Processor(tok, min_pixels=96 * 96 // 2, max_pixels=96 * 96 * 4)
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.tiktoken"))
+    (path / "preprocessor_config.json").write_text(json.dumps(dict(min_pixels=96 * 96 // 2, max_pixels=96 * 96 * 4)))
+    return model, tok, processor, str(path)
+
+
+def toy_prompts(processor, tasks=("count", "text")):
+    """One prompt of each task (count: an image; text: none, so shorter: the batch is left-padded)."""
+    return [rl.encode_prompt(processor, Tasks(ToyData(seed=0), [t]).sample(0)) for t in tasks]
+
+
+def test_response_masks():
+    """A response ends at its first stop token, which belongs to it (mask) but is not fed back (keep); without one
+    it runs to the end."""
+    tokens = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 1, 9, 1]])
+    mask, keep = rl.response_masks(tokens, [9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert keep.tolist() == [[True, False, False, False], [True] * 4, [False] * 4]
+
+
+def test_policy_logprobs_equal_the_samplers(tiny, monkeypatch):
+    """(a) The log-probs of one forward over prompt + sampled response equal generate's return_logprobs (fp32, to
+    1e-5) on an image prompt and a shorter text one (left padding), with responses of different lengths (a quarter of
+    the ids end a response), also when the rows are batched with less padding; the entropy is in (0, log V]."""
+    model, tok, processor, _ = tiny
+    monkeypatch.setattr(tok, "eos_ids", list(range(0, 448, 4)))
+    args = Namespace(group_size=3, max_new_tokens=8, temperature=1.0)
+    with torch.no_grad():
+        ro = rl.rollout(model, processor, toy_prompts(processor), args, torch.Generator().manual_seed(0), CPU)
+        lengths = ro.mask.sum(1)
+        assert ro.stopped.any() and not ro.stopped.all() and len(set(lengths.tolist())) > 2
+        logp, entropy = rl.policy_logprobs(model, rl.batch_inputs(ro.prompts, tok.pad_id, ro.responses, ro.keep),
+                                           ro.responses)
+        torch.testing.assert_close(logp * ro.mask, ro.old_logp, atol=1e-5, rtol=0)
+        assert ((entropy > 0) & (entropy <= math.log(448) + 1e-4)).all()
+        text_rows = slice(3, 6)                                    # the text prompt's group alone: no padding
+        alone, _ = rl.policy_logprobs(model, rl.batch_inputs(ro.prompts[text_rows], tok.pad_id,
+                                                             ro.responses[text_rows], ro.keep[text_rows]),
+                                      ro.responses[text_rows])
+        torch.testing.assert_close(alone * ro.mask[text_rows], ro.old_logp[text_rows], atol=1e-5, rtol=0)
+
+
+def test_sapo_update_raises_the_rewarded_token(tiny):
+    """(c) A group of four one-token responses to one prompt, two of token X (reward 1) and two of Y (reward 0):
+    three SAPO updates (lr 1e-3, the behaviour log-probs recomputed by a forward: the first update of each call is
+    exactly on-policy, ratio 1) multiply p(X) by more than 10 (measured: 0.002 -> 0.04) and divide p(Y) by more
+    than 3, and the other tokens' probability falls."""
+    model, tok, processor, _ = tiny
+    policy = Qwen3VL(model.cfg)
+    policy.load_state_dict(model.state_dict())
+    prompt = toy_prompts(processor, ["text"])[0]
+    X, Y = 100, 200
+    tokens = torch.tensor([[X, tok.eos_ids[0]], [X, tok.eos_ids[0]], [Y, tok.eos_ids[0]], [Y, tok.eos_ids[0]]])
+    ro = rl.make_rollouts([prompt] * 4, tokens, torch.zeros(4, 2), tok)
+
+    def first_token_probs():
+        with torch.no_grad():
+            inputs = rl.batch_inputs([prompt], tok.pad_id, torch.tensor([[X]]), torch.tensor([[False]]))
+            hidden, _ = policy(**inputs, return_hidden=True)
+            return policy.lm_head(hidden[0, -2]).softmax(-1)              # p(first response token | prompt)
+
+    before = first_token_probs()
+    advantages = group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 4)
+    args = Namespace(algo="sapo", tau_pos=1.0, tau_neg=1.05, clip_eps=None, minibatches=1, ppo_epochs=1,
+                     recompute_old_logp=True, grad_clip=1.0, lr=1e-3, vision_lr_mult=1.0, weight_decay=0.0,
+                     beta2=0.999)
+    optimizer = rl.train.make_optimizer(policy, args, "cpu")
+    on_policy = rl.update(policy, optimizer, ro, advantages, Namespace(**{**vars(args), "ppo_epochs": 1}), CPU)
+    assert on_policy["ratio_dev"] == 0 and on_policy["grad_norm"] > 0
+    later = rl.update(policy, optimizer, ro, advantages, Namespace(**{**vars(args), "ppo_epochs": 2}), CPU)
+    assert later["ratio_dev"] > 0 and later["loss"] < 0
+    after = first_token_probs()
+    assert after[X] > 10 * before[X] and after[Y] < before[Y] / 3
+    assert after.sum() - after[X] - after[Y] < before.sum() - before[X] - before[Y]
+
+
+def test_reward_of_a_sample():
+    """A sample's named reward against its answer; else the dataset's scorer; a scorer that raises or gives NaN
+    scores 0 and is counted under its task."""
+    class Broken:
+        def score(self, sample, reply):
+            return float("nan") if reply == "nan" else 1 / 0
+    data = ToyData(seed=0)
+    s = Tasks(data, ["count"]).sample(0)
+    assert rl.reward(data, s, s["answer"]) == 1.0 and rl.reward(data, s, "no idea") == 0.0
+    assert rl.reward(data, dict(s, reward="number", answer="7"), "There are 7.") == 1.0
+    reward_failures.clear()
+    assert rl.reward(Broken(), s, "nan") == 0.0 and rl.reward(Broken(), s, "x") == 0.0
+    assert reward_failures == {"count score: nan": 1, "count score: raised": 1}
+    reward_failures.clear()
+
+
+def test_jsonl_reward_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    line = {"messages": [{"role": "user", "content": "How many? Reply in \\boxed{}."}], "answer": "3",
+            "reward": "number"}
+    path.write_text(json.dumps(line) + "\n")
+    s = JsonlDataset(str(path), require_assistant=False).sample(0)
+    assert s["reward"] == "number" and rl.reward(None, s, "\\boxed{3}") == 1.0
+    path.write_text(json.dumps(dict(line, reward="close enough")) + "\n")
+    with pytest.raises(BadSample, match=r'p.jsonl:1: unknown "reward" \'close enough\'; known: \[\'box_iou\''):
+        JsonlDataset(str(path), require_assistant=False)
+
+
+def test_tasks_keep_some_tasks():
+    data = Tasks(ToyData(seed=0), ["count", "think"])
+    samples = [data.sample(i) for i in range(12)]
+    assert {s["task"] for s in samples} == {"count", "think"}
+    assert [s["question"] for s in samples] == [data.sample(i)["question"] for i in range(12)]
+    assert {s["task"] for s in data.eval_samples(2)} == {"count", "think"} and set(data.chance) == {"count", "think"}
+    with pytest.raises(ValueError, match=r"unknown \['cont'\]; known: \['attribute'"):
+        Tasks(ToyData(seed=0), ["cont"])
+
+
+RUN = ["--tasks", "count,text", "--prompts", "2", "--group_size", "2", "--minibatches", "2", "--ppo_epochs", "2",
+       "--max_new_tokens", "6", "--eval_samples", "1", "--eval_every", "2", "--save_every", "2", "--lr", "1e-3"]
+
+
+def without_times(metrics):
+    return [{k: v for k, v in m.items() if k != "time"} for m in metrics]
+
+
+def test_run_checkpoint_and_bitwise_resume(tiny, tmp_path, monkeypatch):
+    """(b) Four steps end to end (rollout, reward, update, evaluation, checkpoints, export), against two steps and a
+    resume for two more: bitwise the same metrics and weights. The reward is the length of the reply's text modulo
+    3, over 2, so that the random model's groups differ and the updates move the weights."""
+    monkeypatch.setattr(ToyData, "score", lambda self, sample, reply: len(reply) % 3 / 2)
+    init = ["--init_from", tiny[3]]
+    whole = rl.main(init + RUN + ["--steps", "4", "--out_dir", str(tmp_path / "a")])
+    rl.main(init + RUN + ["--steps", "2", "--out_dir", str(tmp_path / "b")])
+    assert sorted(os.listdir(tmp_path / "b" / "ckpt-0000002")) == [
+        "config.json", "dcp", "preprocessor_config.json", "rng-0.safetensors", "tokenizer.tiktoken",
+        "train_state.json"]
+    resumed = rl.main(init + RUN + ["--steps", "4", "--out_dir", str(tmp_path / "b"), "--resume"])
+    assert without_times(resumed) == without_times(whole)
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        assert without_times(map(json.loads, f)) == without_times(whole)
+    steps = [m for m in whole if "reward" in m]
+    assert [m["step"] for m in whole] == [0, 1, 2, 2, 3, 4, 4] and len(steps) == 4
+    assert all(set(m["eval"]) == {"count", "text"} for m in whole if "eval" in m)
+    assert all(set(m["reward_by_task"]) <= {"count", "text"} and 0 <= m["reward"] <= 1 for m in steps)
+    assert all(1 <= m["response_length"] <= 6 and m["entropy"] > 0 and m["grad_norm"] > 0 for m in steps)
+    assert all(m["reward_failures"] == {} and set(m["time"]) == {"rollout", "scoring", "update"} for m in steps)
+    a, b = Qwen3VL.from_pretrained(tmp_path / "a" / "hf"), Qwen3VL.from_pretrained(tmp_path / "b" / "hf")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), tiny[0].state_dict().values()))
+    assert os.path.isfile(tmp_path / "a" / "reward.png") and os.path.isfile(tmp_path / "a" / "metrics.png")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algo", "ppo"], "invalid choice: 'ppo'"),
+    (["--tau_pos", "1.05", "--tau_neg", "1.0"], r"tau_neg \(1.0\) < tau_pos \(1.05\)"),
+    (["--group_size", "1"], "group_size must be >= 2"),
+    (["--prompts", "3", "--group_size", "3", "--minibatches", "2"], r"\(9 responses\) must divide into --minibatches 2"),
+    (["--clip_eps", "0.2"], "--clip_eps is GRPO's and GSPO's: SAPO has no clip"),
+    (["--algo", "grpo", "--clip_eps", "1.5,0.2"], r"clip_eps must be .*got \(1.5, 0.2\)"),
+    (["--algo", "gspo", "--clip_eps", "a,b"], "--clip_eps 'a,b': give eps or eps_low,eps_high"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number >= 0 \\(> 0\\)"),
+])
+def test_bad_settings_exit_with_their_reason(flags, message, capsys):
+    """(d) Each bad flag stops the run before anything is read or written, naming the flag and the rule."""
+    with pytest.raises(SystemExit):
+        rl.parse_args(["--init_from", "x"] + flags)
+    assert re_search(message, capsys.readouterr().err)
+
+
+def re_search(pattern, text):
+    import re
+    return re.search(pattern, text) is not None
+
+
+def test_bad_inputs_stop_before_writing(tiny, tmp_path):
+    """An inverted tau is allowed only with --allow_inverted_tau; an unknown task, a missing --init_from or an
+    existing run stop main with an error before the output folder is written."""
+    assert rl.parse_args(["--init_from", "x", "--tau_pos", "1.05", "--tau_neg", "1", "--allow_inverted_tau"])
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"unknown \['cont'\]"):
+        rl.main(["--init_from", tiny[3], "--tasks", "cont", "--out_dir", str(out)])
+    with pytest.raises(ValueError, match="--init_from .*missing"):
+        rl.main(["--init_from", str(tmp_path / "missing"), "--out_dir", str(out)])
+    assert not out.exists()
+    out.mkdir()
+    (out / "latest").write_text("ckpt-0000001")
+    with pytest.raises(FileExistsError, match="holds a run; --resume it"):
+        rl.main(["--init_from", tiny[3], "--out_dir", str(out)])
+
+
+FSDP_RUN = """
+import sys
+sys.path.insert(0, {root!r})
+from data.toy import ToyData
+import rl
+ToyData.score = lambda self, sample, reply: len(reply) % 3 / 2
+rl.main(sys.argv[1:])
+"""
+
+
+def test_fsdp_two_ranks_equal_one(tiny, tmp_path, monkeypatch):
+    """torchrun with 2 CPU ranks (gloo, FSDP2; each rank samples every rollout and updates on half of each
+    mini-batch) and 1 process: the same metrics and weights (the ranks sum gradients in another order, ~1e-9, which
+    Adam can turn into ~lr on a weight whose gradient is that small: lr 1e-4, weights within 1e-5). Also
+    guards the gradient norm under FSDP, which must read the parameters after the backward (read before it, the
+    root's unsharded embedding held no gradient and the norm missed it)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "run.py"
+    script.write_text(FSDP_RUN.format(root=root))
+    flags = ["--init_from", tiny[3], "--tasks", "count,text", "--prompts", "2", "--group_size", "2",
+             "--minibatches", "1", "--ppo_epochs", "2", "--steps", "2", "--max_new_tokens", "6", "--eval_samples", "0",
+             "--lr", "1e-4"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *flags,
+                    "--out_dir", str(tmp_path / "two")], cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   check=True, capture_output=True)
+    monkeypatch.setattr(ToyData, "score", lambda self, sample, reply: len(reply) % 3 / 2)
+    one = rl.main(flags + ["--out_dir", str(tmp_path / "one")])
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(two) == len(one) == 2 and all(m["grad_norm"] > 0 for m in one)
+    for a, b in zip(two, one):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-5 * max(1, abs(value)), key
+    m2, m1 = Qwen3VL.from_pretrained(tmp_path / "two" / "hf"), Qwen3VL.from_pretrained(tmp_path / "one" / "hf")
+    for (name, p), q in zip(m2.state_dict().items(), m1.state_dict().values()):
+        assert (p - q).abs().max() <= 1e-5, name
