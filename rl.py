@@ -866,7 +866,7 @@ def main(argv=None):
     resume = train.checkpoint_to_resume(args, run.say)
     tok, cfg, start = train.tokenizer_and_config(args, data, resume, run.say)
     model = train.build_model(args, cfg, start, resume, run)
-    processor = train.make_processor(args, start or resume, tok)
+    processor = train.make_processor(args, start or resume, tok, data)
     encode_prompt(processor, data.sample(0))            # the first prompt reads and fits before anything is written
     os.makedirs(args.out_dir, exist_ok=True)
     run.say(f"writing to {os.path.abspath(args.out_dir)}")

@@ -628,7 +628,7 @@ def test_run_checkpoint_and_bitwise_resume(tiny, tmp_path, monkeypatch):
     rl.main(init + RUN + ["--steps", "2", "--out_dir", str(tmp_path / "b")])
     assert sorted(os.listdir(tmp_path / "b" / "ckpt-0000002")) == [
         "config.json", "dcp", "preprocessor_config.json", "rng-0.safetensors", "tokenizer.tiktoken",
-        "train_state.json"]
+        "train_state.json", "video_preprocessor_config.json"]
     resumed = rl.main(init + RUN + ["--steps", "4", "--out_dir", str(tmp_path / "b"), "--resume"])
     assert without_times(resumed) == without_times(whole)
     with open(tmp_path / "b" / "metrics.jsonl") as f:
