@@ -73,7 +73,7 @@ import torch.nn.functional as F
 import train
 from checks import check_number
 from data import BadSample, open_data
-from model import PRESETS, Qwen3VLConfig, read_hf_config
+from config import PRESETS, Qwen3VLConfig, read_hf_config
 from sample import generate, load_model, load_processor
 
 

@@ -44,7 +44,7 @@ import time
 import torch
 
 from checks import check_number
-from model import KVCache, Qwen3VL, read_json
+from model import KVCache, Qwen3VL
 
 EOS_IDS = (151645, 151643)        # <|im_end|>, <|endoftext|> (Qwen3-VL's generation_config.json)
 PAD_ID = 151643                   # <|endoftext|>: what the processor pads with and finished rows emit

@@ -50,12 +50,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from data import BadSample, open_data
 from eval import evaluate, report
-from model import PRESETS, Qwen3VL, Qwen3VLConfig, read_hf_config
+from config import PRESETS, Qwen3VLConfig, read_hf_config, write_json
+from model import Qwen3VL
 from moe import load_balancing_loss
 from processor import Processor
 from rope import rope_index
@@ -495,11 +495,6 @@ def save_checkpoint(out_dir, model, optimizer, tok, processor, step, args, rank)
         for old in checkpoints(out_dir)[args.keep_checkpoints:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
-
-
-def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def checkpoints(out_dir):

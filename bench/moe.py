@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: moe.py, model.py
-from model import TextConfig  # noqa: E402
+from config import TextConfig  # noqa: E402
 from moe import SparseMoeBlock  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,8 @@ from conftest import IMG, make_batch
 from safetensors.torch import load_file, save_file
 
 import sample
-from model import KVCache, Qwen3VL, Qwen3VLConfig, checkpoint_files, read_hf_config
+from config import Qwen3VLConfig, checkpoint_files, read_hf_config
+from model import KVCache, Qwen3VL
 from processor import Processor
 from sample import generate, load_processor, main
 from tokenizer import Tokenizer

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import build_pair, make_batch, reference_inputs, short_of_image_features
 
-from model import HF_FORMATS, HF_HARMLESS_KEYS, Qwen3VL, Qwen3VLConfig, hf_format_of, read_hf_config
+from config import HF_FORMATS, HF_HARMLESS_KEYS, Qwen3VLConfig, hf_format_of, read_hf_config
+from model import Qwen3VL
 
 CASES = {
     "text": [[("text", 24)]],
