@@ -64,7 +64,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import torch
@@ -774,9 +773,4 @@ def train_student(args, run, student, optimizer, teacher, train_outputs, eval_ou
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (BadSample, FileNotFoundError, FileExistsError, FloatingPointError, ValueError, TypeError) as e:
-        if "--debug" in sys.argv:
-            raise
-        sys.exit(f"error: {e}")
+    train.cli(main)

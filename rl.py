@@ -53,7 +53,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from data import BadSample, Tasks, open_data
+from data import Tasks, open_data
 from eval import evaluate, reply_text
 from processor import parse_grounding
 from sample import generate
@@ -886,9 +885,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (BadSample, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as e:
-        if "--debug" in sys.argv:
-            raise
-        sys.exit(f"error: {e}")
+    train.cli(main)

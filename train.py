@@ -1132,10 +1132,16 @@ def draw_example(examples, path):
     return None
 
 
-if __name__ == "__main__":
+def cli(main):
+    """Run a script's main() as a command: a user's mistake (bad data, flags, files, paths; a loss that became NaN)
+    ends in one line naming it, not a traceback (--debug shows the traceback). train.py, rl.py and distill.py."""
     try:
         main()
-    except (BadSample, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as e:
+    except (BadSample, FileNotFoundError, FileExistsError, FloatingPointError, ValueError, TypeError) as e:
         if "--debug" in sys.argv:
             raise
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli(main)
