@@ -80,7 +80,8 @@ def get_parser():
                                 epilog=__doc__.split("\n\n", 1)[1] + f"\nWith --data toy (the default) the toy recipe "
                                 f"(data/toy.py) replaces the defaults below: {toy}, --out_dir out/toy.")
     # model
-    p.add_argument("--preset", default="toy-cpu", choices=list(PRESETS), help="model size; ignored with --init_from")
+    p.add_argument("--preset", default="toy-cpu", choices=list(PRESETS) + ["all"],
+                   help="model size; ignored with --init_from ('all': every released size, with --plan)")
     p.add_argument("--init_from", default="", help="start from a Hugging Face Qwen3-VL directory, a train.py "
                    "checkpoint, or a train.py output directory (its latest checkpoint): weights and tokenizer")
     p.add_argument("--tokenizer", default="", help="a ranks file or HF directory (default: the checkpoint's; a new "
@@ -188,6 +189,8 @@ def parse_args(argv=None):
                          + (" (> 0)" if name == "lr" else ""))
     if not 0 < args.beta2 < 1:
         parser.error(f"--beta2 {args.beta2}: must be in (0, 1)")
+    if args.preset == "all" and not args.plan:
+        parser.error("--preset all: only with --plan (a run trains one size)")
     args.stage_list = []
     for item in args.stages.split(","):
         name, _, steps = item.partition(":")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The qwen3-vl-8b preset under FSDP2 on two GPUs (issue 8; run on an nvidia-h200-x2 through the device tool, not CI):
+# The qwen3-vl-8b preset under FSDP2 on two GPUs (run on an nvidia-h200-x2 through the device tool, not CI):
 #   bench/fsdp_8b.sh train DIR           60 steps (real shapes, random weights, bf16, toy-world images in every row),
 #                                        the planner's estimate first; DIR gets the sharded checkpoint and hf/
 #   bench/fsdp_8b.sh resume DIR NEWDIR   NEWDIR continues DIR's run for 5 steps

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Training throughput on one GPU (run on an H200 through the device tool; not part of CI):
-#  1. the toy-gpu preset (~340 M parameters) on the toy world, bf16 autocast: tokens/s and MFU (issue 6);
+#  1. the toy-gpu preset (~340 M parameters) on the toy world, bf16 autocast: tokens/s and MFU;
 #  2. the qwen3-vl-2b preset (real shapes, random weights, real Qwen vocabulary) under FSDP2 on one GPU, with
-#     images in every batch: tokens/s, MFU and peak memory against train.py's planner (issue 7).
+#     images in every batch: tokens/s, MFU and peak memory against train.py's planner.
 # Needs data/qwen.tiktoken (python data/get_tokenizer.py). Logs go to $OUT (or ./out/bench).
 set -euo pipefail
 OUT=${OUT:-out/bench}

@@ -288,6 +288,15 @@ def test_bad_init_from(tmp_path, toy):
         train.main(TINY + ["--init_from", str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "o")])
 
 
+def test_plan_of_every_released_size(capsys):
+    train.main(["--plan", "--preset", "all", "--seq_len", "4096", "--batch_size", "1", "--n_gpus", "8"])
+    out = capsys.readouterr().out
+    assert all(f"qwen3-vl-{n}" in out for n in ("2b", "4b", "8b", "32b", "30b-a3b", "235b-a22b"))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "all"])
+    assert "--preset all: only with --plan" in capsys.readouterr().err
+
+
 def test_plan_counts_and_checkpointing():
     for name, n in (("qwen3-vl-2b", 2_127_532_032), ("qwen3-vl-8b", 8_767_123_696)):
         cfg = Qwen3VLConfig.from_preset(name)
