@@ -71,7 +71,7 @@ class Tasks:
                                                           else "name at least one"))
         self.data, self.tasks = data, set(tasks)
         self.chance = {t: c for t, c in data.chance.items() if t in self.tasks}
-        self.stages = data.stages
+        self.stages, self.budgets, self.splits = data.stages, data.budgets, data.splits
 
     def sample(self, index, stage=None):
         for i in range(index * self.SPAN, (index + 1) * self.SPAN):
