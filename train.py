@@ -740,6 +740,8 @@ def plot(out_dir, metrics, stage_list, chance, curve="loss"):
 # ----------------------------------------------------------------------------------------------------------
 # Memory and FLOPs planner
 
+PEAK_FLOPS = 989e12          # dense bf16 FLOP/s of an H100 / H200: MFU = model FLOPs per second / this
+
 
 def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_fraction=0.5):
     """
@@ -998,7 +1000,7 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
     fpt = planned["flops_per_token"]
     say(f"plan: {planned['total'] / 2**30:.1f} GiB per GPU ({planned['state'] / 2**30:.1f} model state, "
         f"{planned['activations'] / 2**30:.1f} activations), {fpt / 1e9:.2f} GFLOP per token")
-    peak = 989e12 if device.type == "cuda" else None               # H100/H200 dense bf16
+    peak = PEAK_FLOPS if device.type == "cuda" else None
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a", buffering=1) if run.rank == 0 else None   # by line
     t_start, tokens_run = time.time(), 0
 
