@@ -49,47 +49,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from compare import TokenClock, build, reference_attention, reference_of  # noqa: E402
 from model import Qwen3VL, Qwen3VLConfig  # noqa: E402
 from sample import CACHE_BLOCK, INSTRUCT, generate  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12           # H200 datasheet
-
-
-def build_ours(preset, device):
-    """The preset's model with N(0, 0.02) weights, made in bf16 on the device directly (seconds)."""
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = Qwen3VL(Qwen3VLConfig.from_preset(preset))
-    torch.set_default_dtype(torch.float32)
-    model.init_weights()
-    return model.eval()
-
-
-def build_reference(model):
-    """The reference model with our weights (copied through the checkpoint key table)."""
-    from transformers import Qwen3VLConfig as HFConfig
-    from transformers import Qwen3VLForConditionalGeneration
-    with torch.device(model.lm_head.weight.device):
-        ref = Qwen3VLForConditionalGeneration._from_config(HFConfig.from_dict(model.cfg.to_hf_dict()),
-                                                           dtype=torch.bfloat16)
-    ref.load_state_dict(model._to_hf_state_dict(), strict=not model.cfg.tie_word_embeddings)  # tied: no lm_head
-    return ref.eval()
-
-
-class Clock:
-    """Host time of each generated token (a transformers streamer: put() gets the prompt first, then each token)."""
-
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, _tokens):
-        torch.cuda.synchronize()                      # the token is on the host: every kernel before it is done
-        self.times.append(time.perf_counter())
-
-    put = __call__
-
-    def end(self):
-        pass
 
 
 @contextlib.contextmanager
@@ -111,7 +75,7 @@ def run(impl, model, ref, ids, new):
     cfg = model.cfg.text
     B, S = ids.shape
     kv_per_slot = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * cfg.head_dim * 2    # k and v, bf16
-    clock = Clock()
+    clock = TokenClock(gpu=True)
     if impl.startswith("ours"):
         sampling = dict(INSTRUCT, generator=torch.Generator(ids.device).manual_seed(0)) if impl == "ours-sample" \
             else dict(temperature=0.0)
@@ -224,8 +188,9 @@ def main():
     impls, batches = args.impl.split(","), [int(b) for b in args.batch.split(",")]
 
     t0 = time.perf_counter()
-    model = build_ours(args.preset, "cuda").fuse_projections()        # as `sample.py --compile`
-    ref = build_reference(model) if any(i.startswith("hf") for i in impls) else None
+    model = build(lambda: Qwen3VL(Qwen3VLConfig.from_preset(args.preset)), torch.bfloat16, "cuda").eval()
+    ref = reference_of(model, reference_attention()).eval() if any(i.startswith("hf") for i in impls) else None
+    model.fuse_projections()                                           # as `sample.py --compile`
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if n.startswith(("language_model.layers", "language_model.norm", "lm_head")))
     print(f"{args.preset} random bf16 on {torch.cuda.get_device_name()}: built in {time.perf_counter() - t0:.0f} s; "

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
+from compare import build  # noqa: E402  (bench/compare.py: random weights drawn on the device)
 from model import Qwen3VL, Qwen3VLConfig, chunked_cross_entropy  # noqa: E402
 from rope import rope_index  # noqa: E402
 from vision import VisionEncoder  # noqa: E402
@@ -179,30 +180,8 @@ def attempt(case, path, fn):
 # 1. Whole-model training steps
 
 
-def build(module, dtype):
-    """module() built on the device in dtype, weights as Qwen3VL.init_weights draws them (N(0, 0.02), norms 1,
-    biases 0) but drawn there: the CPU generator of init_weights would take minutes for 8B parameters."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            m = module()
-    finally:
-        torch.set_default_dtype(default)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0, 0.02)
-    return m
-
-
 def model_steps(case, cfg, n_rows, seq_len, grids, dtype, autocast, text_len=(16, 96)):
-    model = build(lambda: Qwen3VL(cfg), dtype).train()
+    model = build(lambda: Qwen3VL(cfg), dtype, device).train()
     kw, labels = packed_rows(cfg, n_rows, seq_len, grids, text_len)
     n_target = (labels[:, 1:] != -100).sum()
     tokens, flops = labels.numel(), step_flops(model, kw)
@@ -241,7 +220,7 @@ def model_steps(case, cfg, n_rows, seq_len, grids, dtype, autocast, text_len=(16
 
 
 def vit_steps(case, cfg, grids, dtype):
-    vit = build(lambda: VisionEncoder(cfg.vision), dtype)
+    vit = build(lambda: VisionEncoder(cfg.vision), dtype, device)
     grid = torch.tensor(grids, device=device)
     N = int(grid.prod(-1).sum())
     pixels = torch.randn(N, 1536, device=device, dtype=dtype)
