@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, float32, 1-2 iterations: every row runs")
     p.add_argument("--rows", nargs="+", default=["train", "vit", "decode", "moe"],
-                   choices=["train", "vit", "decode", "moe"], help="which rows (vit uses train's models)")
+                   choices=["train", "vit", "decode", "moe"], help="which rows (decode: prefill and decode)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers of the 8B shape in the train row")
     p.add_argument("--seq_len", type=int, default=8192, help="tokens of our packed row (and padded tokens per "
                    "reference batch)")
@@ -230,7 +230,7 @@ def padded_batches(items, seq_len, pad_id, image_token_id):
 
 
 def train_rows(args, device, dtype, timer, attn):
-    """Rows 1 and 2. Returns the table rows."""
+    """Rows 1 and 2 (those of args.rows), on one pair of models."""
     if args.smoke:
         cfg = smoke_config()
         grids, text_len = [(1, 4, 4), (1, 4, 8), (1, 8, 4), (1, 8, 8)], (4, 32)
@@ -247,21 +247,28 @@ def train_rows(args, device, dtype, timer, attn):
     model.attn_impl = model.visual.attn_impl = "flex"                     # what train.py runs on a GPU
     ref = reference_of(model, attn).train()
     rows = []
+    if "train" in args.rows:
+        rows.append(attempt("train", lambda: train_row(args, model, ref, grids, text_len, shape, device, dtype,
+                                                       timer)))
+    if "vit" in args.rows:
+        rows.append(attempt("vit", lambda: vit_row(model.visual, ref.model.visual, vit_grids, shape, device, dtype,
+                                                   timer)))
+    return rows
 
+
+def train_row(args, model, ref, grids, text_len, shape, device, dtype, timer):
+    cfg = model.cfg
     pad_id = PAD_ID if PAD_ID < cfg.text.vocab_size else 0
     items = samples(cfg, args.seq_len, grids, text_len)
     batch = collate([items], args.seq_len, pad_id)
     labels = batch.pop("labels").to(device)
-    kw = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "document_ids", "position_ids",
-                                                                 "pixel_values", "image_grid_thw")}
-    kw["pixel_values"] = kw["pixel_values"].to(dtype)
+    kw = {k: batch[k].to(device) for k in ("input_ids", "document_ids", "position_ids", "image_grid_thw")}
+    kw["pixel_values"] = batch["pixel_values"].to(device, dtype)
     useful = sum(len(s["ids"]) for s in items)
     targets = int((labels[:, 1:] != -100).sum())
     visual = int((kw["input_ids"] == cfg.image_token_id).sum()) / args.seq_len
-    ref_batches = [{k: v.to(device) for k, v in b.items()}
+    ref_batches = [{k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in b.items()}
                    for b in padded_batches(items, args.seq_len, pad_id, cfg.image_token_id)]
-    for b in ref_batches:
-        b["pixel_values"] = b["pixel_values"].to(dtype)
     padded = sum(b["input_ids"].numel() for b in ref_batches)
 
     def ours_step():
@@ -280,26 +287,20 @@ def train_rows(args, device, dtype, timer, attn):
         ref.zero_grad(set_to_none=True)
         return total
 
-    if "train" not in args.rows:
-        return [attempt("vit", lambda: vit_row(model.visual, ref.model.visual, vit_grids, shape, device, dtype, timer))]
     t_ours, loss_ours = timer(ours_step)
     t_ref, loss_ref = timer(ref_step)
-    mfu = plan(cfg, args.seq_len, 1, 1, False, visual)["flops_per_token"] * args.seq_len / t_ours / PEAK_FLOPS \
-        if device.type == "cuda" else None                               # against a GPU's peak only
+    mfu = None                                                           # against a GPU's peak only
+    if device.type == "cuda":
+        mfu = plan(cfg, args.seq_len, 1, 1, False, visual)["flops_per_token"] * args.seq_len / t_ours / PEAK_FLOPS
     mfu_note = "no MFU on the CPU" if mfu is None else f"MFU {100 * mfu:.1f}%"
-    rows.append(row("train", f"{shape} shape, {cfg.text.num_hidden_layers} layers: {len(items)} samples, "
-                             f"{useful} useful tokens ({visual:.0%} visual)", useful / t_ours, useful / t_ref,
-                    "useful tok/s", TARGETS["train"],
-                    f"ours 1 x {args.seq_len} packed, {mfu_note} (target >= {TARGETS['train MFU']:.0%}); "
-                    f"reference {len(ref_batches)} padded batches, {padded} tokens ({useful / padded:.0%} useful); "
-                    f"loss gap {abs(loss_ours - loss_ref) / loss_ref:.1e}",
-                    extra=dict(mfu=mfu, mfu_met=mfu is not None and mfu >= TARGETS["train MFU"], ms_ours=1e3 * t_ours,
-                               ms_ref=1e3 * t_ref)))
-
-    if "vit" in args.rows:
-        rows.append(attempt("vit", lambda: vit_row(model.visual, ref.model.visual, vit_grids, shape, device, dtype,
-                                                    timer)))
-    return rows
+    return row("train", f"{shape} shape, {cfg.text.num_hidden_layers} layers: {len(items)} samples, {useful} useful "
+                        f"tokens ({visual:.0%} visual)", useful / t_ours, useful / t_ref, "useful tok/s",
+               TARGETS["train"],
+               f"ours 1 x {args.seq_len} packed, {mfu_note} (target >= {TARGETS['train MFU']:.0%}); reference "
+               f"{len(ref_batches)} padded batches, {padded} tokens ({useful / padded:.0%} useful); loss gap "
+               f"{abs(loss_ours - loss_ref) / loss_ref:.1e}",
+               extra=dict(mfu=mfu, mfu_met=mfu is not None and mfu >= TARGETS["train MFU"], ms_ours=1e3 * t_ours,
+                          ms_ref=1e3 * t_ref))
 
 
 def vit_row(ours, ref, grids, shape, device, dtype, timer):
@@ -393,8 +394,9 @@ def generate_rows(args, device, dtype, timer, attn):
         same = int((out_ours == out_ref).all(0).long().cumprod(0).sum())
         bw_ours, bw_ref = (weight_bytes + kv_bytes) / s_ours, (weight_bytes + kv_bytes) / s_ref
         target = TARGETS["decode b1 HBM"] if B == 1 else TARGETS["decode b32"]
-        note = (f"ours {100 * bw_ours / HBM_BYTES_PER_S:.1f}% of HBM ({bw_ours / 1e12:.2f} TB/s), reference "
-                f"{100 * bw_ref / HBM_BYTES_PER_S:.1f}%; ours: {path}; reference: {how}; "
+        hbm = (f"ours {100 * bw_ours / HBM_BYTES_PER_S:.1f}% of HBM ({bw_ours / 1e12:.2f} TB/s), reference "
+               f"{100 * bw_ref / HBM_BYTES_PER_S:.1f}%" if gpu else "no HBM figure on the CPU")
+        note = (f"{hbm}; ours: {path}; reference: {how}; "
                 f"greedy tokens equal for the first {same} of {args.new}")
         extra = dict(hbm_ours=bw_ours / HBM_BYTES_PER_S, hbm_ref=bw_ref / HBM_BYTES_PER_S, ms_ours=1e3 * s_ours,
                      ms_ref=1e3 * s_ref, reference=how)
@@ -541,9 +543,10 @@ def main(argv=None):
         if name not in args.rows and not (name == "train" and "vit" in args.rows):
             continue
         t = time.perf_counter()
-        got = attempt(name, fn)
-        rows += got if isinstance(got, list) else [got]
-        for r in rows[-(len(got) if isinstance(got, list) else 1):]:
+        got = attempt(name, fn)                              # building the models may fail too
+        got = got if isinstance(got, list) else [got]
+        rows += got
+        for r in got:
             print(f"{r['row']}: ours {r['ours']}, reference {r['ref']} {r['unit']}: {r['note']}", flush=True)
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
         if device.type == "cuda":
