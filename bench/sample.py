@@ -49,11 +49,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compare import TokenClock, build, reference_attention, reference_of  # noqa: E402
+from compare import HBM_BYTES_PER_S, TokenClock, build, reference_attention, reference_of  # noqa: E402
 from model import Qwen3VL, Qwen3VLConfig  # noqa: E402
 from sample import CACHE_BLOCK, INSTRUCT, generate  # noqa: E402
-
-HBM_BYTES_PER_S = 4.8e12           # H200 datasheet
 
 
 @contextlib.contextmanager
