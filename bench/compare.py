@@ -11,7 +11,7 @@ Rows (forward + backward where it says "train", bf16 parameters, no optimizer; m
    FlexAttention in the decoder and the ViT, chunked loss. The reference trains them the way its users do: padded
    batches (right padding, attention_mask), as many samples per batch as fit --seq_len padded tokens, gradients
    accumulated over the batches of the row. Useful (non-pad) tokens/s for both; our MFU with train.py's formula
-   (train.plan's FLOPs per token, over PEAK_FLOPS).
+   (train.plan's FLOPs per token at the row's share of visual tokens, times the row's tokens/s, over PEAK_FLOPS).
 2. vit: the 8B ViT and its mergers (of row 1's models) on a batch of images of mixed sizes; patches/s.
 3. prefill: the whole qwen3-vl-8b, a --prefill_len prompt at batch 1: time to the first token of generate.
    decode: --new tokens after a --decode_len prompt at batch 1 and 32, each token timed when it reaches the host.
