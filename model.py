@@ -75,9 +75,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (decoding)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, prompt=False):
         """x [B, S, H]; mask: None (causal), a bool [B or 1, 1, S, K] (True = attend; SDPA) or a flex.BlockMask
-        (FlexAttention, no cache). Returns [B, S, H]."""
+        (FlexAttention, no cache). With a kv_cache the new keys are written into it; a decode step attends over the
+        whole cache (K = max_len), the prompt (`prompt=True`: the first call, on an empty cache) only over its own S
+        keys, so that its attention runs the causal kernels. Returns [B, S, H]."""
         B, S, _ = x.shape
         if self.qkv_weight is not None and not torch.is_grad_enabled():  # decoding: one product (fuse_projections)
             q, k, v = F.linear(x, self.qkv_weight).split([self.q_proj.out_features, self.k_proj.out_features,
@@ -90,7 +92,9 @@ class Attention(nn.Module):
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # rotated in the activation dtype
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, max_len, hd]
+            cached = kv_cache.update(self.layer_idx, k, v)              # [B, nkv, max_len, hd] each
+            if not prompt:
+                k, v = cached
         if isinstance(mask, flex.BlockMask):  # packed rows on the GPU: only the blocks of keys the mask keeps
             # q, k in v's dtype: q_norm's fp32 weight promotes them under autocast (SDPA casts likewise)
             y = flex.attention(q.to(v.dtype), k.to(v.dtype), v, mask)                       # [B, nh, S, hd]
@@ -132,9 +136,9 @@ class DecoderLayer(nn.Module):
         # Qwen3-VL-MoE (moe.py): routed experts in the layers the config makes sparse, a dense MLP elsewhere
         self.mlp = SparseMoeBlock(cfg) if is_moe_layer(cfg, layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, prompt=False):
         """Returns x [B, S, H] and the router logits [B*S, E] of a sparse layer (None for a dense one)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prompt)
         if isinstance(self.mlp, SparseMoeBlock):
             y, router_logits = self.mlp(self.post_attention_layernorm(x))
             return x + y, router_logits
@@ -523,10 +527,10 @@ class Qwen3VL(nn.Module):
         B, S = input_ids.shape
         cfg = self.cfg.text
         x, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, run_vision)
-        # slots of these tokens in the sequence (and the cache), and how many keys they attend over: the whole
-        # preallocated cache, so that every decode step has the same shapes
+        # slots of these tokens in the sequence (and the cache), and how many keys they attend over: a decode step
+        # the whole preallocated cache, so that every step has the same shapes; the prompt only its own
         q_pos = torch.arange(S, device=x.device) + (kv_cache.pos if kv_cache is not None else 0)   # [S]
-        K = kv_cache.max_len if kv_cache is not None else S
+        K = S if prefill else kv_cache.max_len
 
         if position_ids is None:
             if prefill:
@@ -552,11 +556,11 @@ class Qwen3VL(nn.Module):
         # not padding; every query keeps its own key so that the rows of padding tokens never become all -inf (which
         # would turn them, and through v, others, into NaN). With a cache, attention_mask covers slots 0 .. past+S-1
         # (or all K): the slots after it hold generated tokens, which are always real.
-        elif attention_mask is not None or kv_cache is not None or document_ids is not None:
+        elif attention_mask is not None or not prefill or document_ids is not None:
             k_pos = torch.arange(K, device=x.device)                                       # [K]
             mask = k_pos[None, :] <= q_pos[:, None]                                        # [S, K]
             if attention_mask is not None:
-                real = F.pad(attention_mask.bool(), (0, K - attention_mask.shape[1]), value=True)  # [B, K]
+                real = F.pad(attention_mask[:, :K].bool(), (0, K - min(K, attention_mask.shape[1])), value=True)  # [B, K]
                 mask = mask & real[:, None, :]                                             # [B, S, K]
                 mask = mask | (k_pos[None, :] == q_pos[:, None])
             if document_ids is not None:                                                   # packed samples
@@ -567,7 +571,7 @@ class Qwen3VL(nn.Module):
 
         router_logits = []                                    # [B*S, E] of each sparse (MoE) layer, in order
         for i, layer in enumerate(self.language_model.layers):
-            x, layer_router_logits = layer(x, cos, sin, mask, kv_cache)
+            x, layer_router_logits = layer(x, cos, sin, mask, kv_cache, prefill)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
             if deepstack is not None and i < len(deepstack):

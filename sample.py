@@ -195,10 +195,13 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     cache = KVCache(model.cfg.text, B, T, device=device, dtype=model.lm_head.weight.dtype)
     mask = torch.cat([attention_mask, attention_mask.new_ones(B, T - S)], dim=1)   # [B, T]: generated tokens are real
 
-    logits, _ = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                      video_grid_thw=video_grid_thw, kv_cache=cache, check_finite=check_finite)  # prefill: [B, S, V]
-    logits = logits[:, -1].float()                                                   # [B, V]
+    # prefill: a prompt without padding runs causal attention with no mask (the flash kernels); only the last
+    # position's logits are made (left padding: it is real in every row)
+    hidden, _ = model(input_ids, attention_mask=None if bool(attention_mask.all()) else attention_mask,
+                      pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, kv_cache=cache,
+                      check_finite=check_finite, return_hidden=True)                # [B, S, H]
+    logits = model.lm_head(hidden[:, -1]).float()                                   # [B, V]
     step = functools.partial(decode_step, model, cache, attention_mask=mask)
     if cuda_graph and max_new_tokens > 1:
         step = CUDAGraphStep(model, cache, mask)

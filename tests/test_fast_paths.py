@@ -110,8 +110,8 @@ def test_packed_rows_leave_no_dense_mask_under_flex(pair, llm_impl, monkeypatch)
     seen = []
     layer = ours.language_model.layers[0].self_attn
     forward = layer.forward
-    monkeypatch.setattr(layer, "forward", lambda x, cos, sin, mask, kv_cache=None: seen.append(mask) or
-                        forward(x, cos, sin, mask, kv_cache))
+    monkeypatch.setattr(layer, "forward", lambda x, cos, sin, mask, *cache: seen.append(mask) or
+                        forward(x, cos, sin, mask, *cache))
     with torch.no_grad():
         for impl in ("sdpa", "flex"):
             llm_impl(impl)
