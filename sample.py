@@ -247,7 +247,8 @@ def load(path, device="cpu", dtype=None):
 def load_processor(path):
     """
     (checkpoint directory, tokenizer, processor) of what `load` takes, with the image pixel budgets the model was
-    trained with (Processor.from_pretrained; the Processor bounds them). Reads no weights. FileNotFoundError without the
+    trained with (Processor.from_pretrained; the Processor bounds them) and the video_time of its config.json. Reads no
+    weights. FileNotFoundError without the
     directory; ValueError / TypeError naming the file for bad budgets.
     """
     from config import read_hf_config
@@ -259,8 +260,11 @@ def load_processor(path):
                                 "safetensors and the tokenizer files)")
     path = checkpoint_dir(path) or path                # one of train.py's checkpoints (or its run's folder)
     tok = Tokenizer.from_pretrained(path)
+    # videos are written as the model's config says (its video_time switch); a directory without one: the paper's way
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    video_time = read_hf_config(path).video_time if has_config else "timestamps"
     try:
-        return path, tok, Processor.from_pretrained(path, tok, video_time=read_hf_config(path).video_time)
+        return path, tok, Processor.from_pretrained(path, tok, video_time=video_time)
     except (TypeError, ValueError) as e:                  # the same error, saying which file it comes from
         raise type(e)(f"{os.path.join(path, 'preprocessor_config.json')!r}: {e}") from e
 
