@@ -248,8 +248,7 @@ def load_processor(path):
     """
     (checkpoint directory, tokenizer, processor) of what `load` takes, with the image pixel budgets the model was
     trained with (Processor.from_pretrained; the Processor bounds them) and the video_time of its config.json. Reads no
-    weights. FileNotFoundError without the
-    directory; ValueError / TypeError naming the file for bad budgets.
+    weights. FileNotFoundError without the directory; ValueError / TypeError naming the file for bad budgets.
     """
     from config import read_hf_config
     from processor import Processor
