@@ -211,7 +211,8 @@ class Qwen3VLConfig:
         """
         Our config from a Hugging Face config.json dict written by transformers 4.57 or 5.x (dense or MoE). Each key
         is read, checked against the one value implemented here (HF_FIXED_VALUES), or listed as harmless
-        (HF_HARMLESS_KEYS); anything else is refused with its name. `where` names the file in the errors.
+        (HF_HARMLESS_KEYS); anything else is refused with its name. `where` names the file in the errors. The
+        top-level "ablations" object of our own checkpoints (to_hf_dict(ablations=True)) sets the switches.
         """
         if not isinstance(d, dict):
             raise TypeError(f"{where} must hold a JSON object, got {type(d).__name__}")
@@ -287,7 +288,7 @@ class Qwen3VLConfig:
         model_type = "qwen3_vl_moe" if moe else "qwen3_vl"
         text = asdict(self.text)
         rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
-                "mrope_interleaved": text.pop("mrope_layout") != "chunked"}
+                "mrope_interleaved": text.pop("mrope_layout") != "chunked"}   # "text": t = h = w, any layout
         theta = text.pop("rope_theta")
         if not moe:
             for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",

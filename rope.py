@@ -94,7 +94,7 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
     if text_positions:
         pos = valid.long().cumsum(dim=1) - 1                                    # [B, S]
         pos = torch.where(valid, pos, torch.ones_like(pos))[None].expand(3, B, S)   # [3, B, S]
-        return pos, (pos[0].amax(dim=1) + 1 - S)[:, None]
+        return pos, valid.sum(dim=1, keepdim=True) - S       # the largest position + 1 is the count of real tokens
 
     # per block: merged grid (t', h', w') and seconds per frame group; images and videos listed separately in
     # order of appearance. A block is one frame group, or (trope) a whole video.
@@ -134,9 +134,10 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
     start_idx = torch.where(img_start | vid_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
     k = idx - start_idx                                      # [B, S], meaningful on visual tokens
     group, in_group = k // (h * w), k % (h * w)              # frame group inside the block, token inside the group
-    # the time offset of a frame group, truncated to a whole position as Qwen2.5-VL does: (g x seconds) x rate
-    t_off = (group.float() * sec * TROPE_TOKENS_PER_SECOND).long()                          # [B, S]
-    last_t_off = ((thw[..., 0] - 1).clamp(min=0).float() * sec * TROPE_TOKENS_PER_SECOND).long()
+    # the time offset of a frame group, truncated to a whole position as Qwen2.5-VL does: g x (rate x seconds)
+    interval = sec * TROPE_TOKENS_PER_SECOND                                                 # [B, S] float32
+    t_off = (group.float() * interval).long()                                                # [B, S]
+    last_t_off = ((thw[..., 0] - 1).clamp(min=0).float() * interval).long()
 
     advance = torch.where(is_vis, torch.zeros_like(idx), valid.long())
     span = torch.maximum(last_t_off, torch.maximum(thw[..., 1], thw[..., 2]) - 1) + 1     # [B, S]

@@ -130,7 +130,7 @@ def test_text_layout_is_plain_rope(pair):
     the paper's model given those 1-D positions: plain RoPE."""
     _, ours = pair
     flat = with_switches(ours, text=dict(mrope_layout="text"))
-    kw = make_batch(CASES["padded_mixed_batch"])
+    kw = make_batch(CASES["padded_mixed_batch"] + [[("text", 1)]])          # the last row: one token, padded
     mask = kw["attention_mask"]
     pos, delta = prompt_positions(flat.cfg, kw["input_ids"], mask, kw["image_grid_thw"], kw["video_grid_thw"])
     expected = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)                                      # [B, S]
