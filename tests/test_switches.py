@@ -314,6 +314,15 @@ def test_arch_with_init_from_is_refused(capsys):
     assert "the architecture is the checkpoint's" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("video_time", ["trope", "none"])
+def test_make_processor_follows_video_time(tok, video_time, tmp_path):
+    args = train.parse_args(["--arch", f"video_time={video_time}"])
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", video_time=video_time)
+    assert train.make_processor(args, None, tok, types.SimpleNamespace(budgets={}), cfg).video_time == video_time
+    Processor(tok).save_pretrained(tmp_path)                               # a checkpoint's processor files
+    assert train.make_processor(args, str(tmp_path), tok, None, cfg).video_time == video_time
+
+
 def test_checkpoint_keeps_the_switches(tmp_path, tok):
     """A toy run with --arch: its checkpoint's config holds the switches, loads back as that model (no DeepStack
     mergers), its processor follows video_time, there is no HF export, and a resume asking for another value stops."""
