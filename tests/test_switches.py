@@ -4,6 +4,7 @@ compute the reference's numbers; each other value changes exactly what it names,
 (Qwen2-VL's chunked frequency layout, Qwen2.5-VL's absolute-time positions), is kept by our checkpoints and refused
 by a Hugging Face export; train.py's --arch sets them, strictly parsed.
 """
+import dataclasses
 import json
 import types
 from functools import partial
@@ -26,15 +27,12 @@ SWITCHED = {"deepstack": dict(deepstack=False), "chunked": dict(text=dict(mrope_
             "none": dict(video_time="none")}
 
 
-def with_switches(model, **overrides):
-    """A model of `model`'s config with the switches changed and the same weights (those it still has)."""
-    cfg = model.cfg
-    text = {**cfg.text.__dict__, **overrides.pop("text", {})}
-    new = Qwen3VL(Qwen3VLConfig(text=type(cfg.text)(**text), vision=cfg.vision,
-                                **{**{k: v for k, v in cfg.__dict__.items() if k not in ("text", "vision")},
-                                   **overrides})).eval()
-    sd = {k: v for k, v in model.state_dict().items() if k in new.state_dict()}
-    new.load_state_dict(sd, strict=True)
+def with_switches(model, text=None, **overrides):
+    """A model of `model`'s config with the switches changed (text: TextConfig fields) and the same weights (those
+    it still has)."""
+    cfg = dataclasses.replace(model.cfg, text=dataclasses.replace(model.cfg.text, **(text or {})), **overrides)
+    new = Qwen3VL(cfg).eval()
+    new.load_state_dict({k: v for k, v in model.state_dict().items() if k in new.state_dict()}, strict=True)
     return new
 
 
@@ -50,10 +48,10 @@ def test_defaults_are_the_paper():
     assert (cfg.deepstack, cfg.text.mrope_layout, cfg.video_time) == (True, "interleaved", "timestamps")
     assert cfg.ablations() == {} and set(ABLATIONS) == {"deepstack", "text.mrope_layout", "video_time"}
     assert Processor(None).video_time == "timestamps"
+    field = {"deepstack": "deepstack", "chunked": "text.mrope_layout", "text": "text.mrope_layout",
+             "trope": "video_time", "none": "video_time"}
     for name, over in SWITCHED.items():
-        assert list(Qwen3VLConfig.from_preset("toy-cpu", **over).ablations()) == [
-            {"deepstack": "deepstack", "chunked": "text.mrope_layout", "text": "text.mrope_layout"}.get(
-                name, "video_time")], name
+        assert list(Qwen3VLConfig.from_preset("toy-cpu", **over).ablations()) == [field[name]], name
 
 
 def test_default_model_matches_reference(pair):
@@ -243,7 +241,7 @@ def test_trope_model_reads_the_seconds(tok):
 @pytest.mark.parametrize("name", SWITCHED)
 def test_hf_export_refuses_and_our_files_keep_the_switches(pair, name, tmp_path):
     _, ours = pair
-    model = with_switches(ours, **json.loads(json.dumps(SWITCHED[name])))
+    model = with_switches(ours, **SWITCHED[name])
     (key, value), = model.cfg.ablations().items()
     for fmt in ("v4", "v5"):
         with pytest.raises(ValueError, match=rf"^{key}={value!r}: a Hugging Face checkpoint holds the paper's"):
