@@ -28,6 +28,22 @@ VISION_LIMITS = dict(depth=(1, 1024), hidden_size=(1, 2**16), intermediate_size=
                      in_channels=(1, 64), num_position_embeddings=(1, 2**20), out_hidden_size=(1, 2**16))
 
 
+# The ablation switches: each field (a dotted name for a sub-config's) with the paper's value, which the released
+# checkpoints compute. Any other value is a different architecture: saved in our own checkpoints (to_hf_dict with
+# ablations=True, under the top-level key "ablations"), refused by a Hugging Face export.
+#   deepstack          False: the ViT's intermediate features are not added to the first LLM layers (Qwen3-VL §2.2)
+#   text.mrope_layout  MROPE_LAYOUTS: which axis each rotary frequency slot turns with (rope.mrope_cos_sin) or
+#                      "text", 1-D positions for every token (rope.rope_index)
+#   video_time         VIDEO_TIMES: how a video's frame groups know their time (processor.py, rope.rope_index)
+ABLATIONS = {"deepstack": True, "text.mrope_layout": "interleaved", "video_time": "timestamps"}
+MROPE_LAYOUTS = ("interleaved", "chunked", "text")
+# "timestamps" (Qwen3-VL §2.3): a text timestamp "<t seconds>" before each frame group, each group its own block
+# "trope" (Qwen2.5-VL): no timestamp text, the video one block whose temporal positions advance with the frames'
+#         time in seconds (rope.TROPE_TOKENS_PER_SECOND per second)
+# "none": no timestamp text, no time positions: the frame groups as plain consecutive blocks
+VIDEO_TIMES = ("timestamps", "trope", "none")
+
+
 def _check_layer_list(name, layers, n, n_name):
     """A list of distinct layer indexes, each in [0, n)."""
     if not (isinstance(layers, (list, tuple)) and len(set(layers)) == len(layers)
@@ -79,7 +95,10 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 5_000_000.0
     mrope_section: list = field(default_factory=lambda: [24, 20, 20])   # sums to head_dim / 2
-    mrope_interleaved: bool = True                # False: Qwen2-VL's chunked t/h/w layout (for ablations)
+    # which position each rotary frequency slot turns with (rope.py; an ablation switch, ABLATIONS):
+    # "interleaved" (Qwen3-VL), "chunked" (Qwen2-VL / Qwen2.5-VL) or "text" (1-D positions, visual tokens numbered
+    # like text)
+    mrope_layout: str = "interleaved"
     max_position_embeddings: int = 262144
     # Mixture of experts (moe.py); num_experts == 0 means every layer is a dense SwiGLU MLP
     num_experts: int = 0
@@ -108,8 +127,8 @@ class TextConfig:
                 and 2 * sum(section) == self.head_dim):
             raise ValueError(f"text.mrope_section={section!r}: must be 3 integers >= 0 (t, h, w) summing to "
                              f"text.head_dim / 2 = {self.head_dim / 2:g}")
-        if not isinstance(self.mrope_interleaved, bool):
-            raise TypeError(f"text.mrope_interleaved={self.mrope_interleaved!r}: must be True or False")
+        if self.mrope_layout not in MROPE_LAYOUTS:
+            raise ValueError(f"text.mrope_layout={self.mrope_layout!r}: must be one of {', '.join(MROPE_LAYOUTS)}")
         if self.num_experts > 0:
             check_number("text.num_experts_per_tok", self.num_experts_per_tok, 1, self.num_experts, integer=True)
         _check_layer_list("text.mlp_only_layers", self.mlp_only_layers, self.num_hidden_layers,
@@ -125,6 +144,9 @@ class Qwen3VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    # ablation switches (ABLATIONS), the paper's design by default:
+    deepstack: bool = True                # False: no DeepStack mergers, nothing added to the first LLM layers
+    video_time: str = "timestamps"        # "timestamps" (Qwen3-VL), "trope" (Qwen2.5-VL), "none"; see VIDEO_TIMES
 
     def __post_init__(self):
         self.validate()
@@ -143,13 +165,28 @@ class Qwen3VLConfig:
         if len(self.vision.deepstack_visual_indexes) > self.text.num_hidden_layers:
             raise ValueError(f"vision.deepstack_visual_indexes={self.vision.deepstack_visual_indexes}: at most "
                              f"text.num_hidden_layers={self.text.num_hidden_layers} levels (one per LLM layer)")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise TypeError(f"tie_word_embeddings={self.tie_word_embeddings!r}: must be True or False")
+        for name in ("tie_word_embeddings", "deepstack"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r}: must be True or False")
+        if self.video_time not in VIDEO_TIMES:
+            raise ValueError(f"video_time={self.video_time!r}: must be one of {', '.join(VIDEO_TIMES)}")
+        if self.video_time == "trope" and self.text.mrope_layout == "text":
+            raise ValueError("video_time='trope' with text.mrope_layout='text': 1-D positions have no time axis to "
+                             "carry the frames' times; choose video_time 'none' or another layout")
         ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         for name in ids:
             check_number(name, getattr(self, name), 0, self.text.vocab_size - 1, integer=True)
         if len({getattr(self, name) for name in ids}) < len(ids):
             raise ValueError(f"{', '.join(f'{n}={getattr(self, n)}' for n in ids)}: must be four different ids")
+
+    def ablations(self):
+        """The switches of ABLATIONS whose value is not the paper's: {dotted field: value}, empty by default."""
+        out = {}
+        for key, paper in ABLATIONS.items():
+            value = get_field(self, key)
+            if value != paper:
+                out[key] = value
+        return out
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -174,7 +211,8 @@ class Qwen3VLConfig:
         """
         Our config from a Hugging Face config.json dict written by transformers 4.57 or 5.x (dense or MoE). Each key
         is read, checked against the one value implemented here (HF_FIXED_VALUES), or listed as harmless
-        (HF_HARMLESS_KEYS); anything else is refused with its name. `where` names the file in the errors.
+        (HF_HARMLESS_KEYS); anything else is refused with its name. `where` names the file in the errors. The
+        top-level "ablations" object of our own checkpoints (to_hf_dict(ablations=True)) sets the switches.
         """
         if not isinstance(d, dict):
             raise TypeError(f"{where} must hold a JSON object, got {type(d).__name__}")
@@ -196,6 +234,7 @@ class Qwen3VLConfig:
                 raise ValueError(f"{where}: {name}.model_type is {section['model_type']!r}; expected one of {allowed}")
             section.pop("model_type", None)
         _read_text_rope(text, where)
+        switches = _read_ablations(d, text, where)
         if "num_local_experts" in text:                  # transformers 5's name of num_experts
             n = text.pop("num_local_experts")
             if text.setdefault("num_experts", n) != n:
@@ -223,23 +262,33 @@ class Qwen3VLConfig:
         try:                                             # what the config cannot run is named with the file
             return cls(text=_build(TextConfig, text, "text_config"),
                        vision=_build(VisionConfig, vision, "vision_config"), tie_word_embeddings=bool(tie),
-                       **_checked(cls, d, "top-level", skip=("text", "vision", "tie_word_embeddings")))
+                       **_checked(cls, d, "top-level", skip=("text", "vision", "tie_word_embeddings", *ABLATIONS)),
+                       **switches)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{where}: {e}") from None
 
-    def to_hf_dict(self, format="v5"):
+    def to_hf_dict(self, format="v5", ablations=False):
         """
         The config.json of this model in a format of HF_FORMATS: "v5" (transformers 5, the default) or "v4"
         (transformers 4.57, as the released Qwen3-VL checkpoints). Written complete, the RoPE settings included,
         since the two generations of the reference default differently when a key is missing.
+        A config with ablation switches (ABLATIONS) other than the paper's is refused (ValueError naming the field):
+        transformers would run its weights as the paper's architecture. ablations=True (our own checkpoints,
+        train.py) writes them instead under the top-level key "ablations", which from_hf_dict reads back.
         """
         if format not in HF_FORMATS:
             raise ValueError(f"unknown config.json format {format!r}; choose one of {sorted(HF_FORMATS)}")
+        changed = self.ablations()
+        if changed and not ablations:
+            key, value = next(iter(changed.items()))
+            raise ValueError(f"{key}={value!r}: a Hugging Face checkpoint holds the paper's architecture "
+                             f"({key}={ABLATIONS[key]!r}); transformers would run this model's weights without the "
+                             "ablation")
         moe = self.text.num_experts > 0
         model_type = "qwen3_vl_moe" if moe else "qwen3_vl"
         text = asdict(self.text)
         rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
-                "mrope_interleaved": text.pop("mrope_interleaved")}
+                "mrope_interleaved": text.pop("mrope_layout") != "chunked"}   # "text": t = h = w, any layout
         theta = text.pop("rope_theta")
         if not moe:
             for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
@@ -266,7 +315,7 @@ class Qwen3VLConfig:
                 "text_config": text, "vision_config": vision,
                 "tie_word_embeddings": self.tie_word_embeddings, "image_token_id": self.image_token_id,
                 "video_token_id": self.video_token_id, "vision_start_token_id": self.vision_start_token_id,
-                "vision_end_token_id": self.vision_end_token_id}
+                "vision_end_token_id": self.vision_end_token_id, **({"ablations": changed} if changed else {})}
 
 
 # The two generations of config.json (and of MoE expert tensors, moe.EXPERT_LAYOUTS), each with the transformers
@@ -330,7 +379,8 @@ def hf_format_of(d, where="config.json"):
 
 def _read_text_rope(text, where):
     """Fold the text RoPE keys of either generation into TextConfig's fields, in place: 4.57's rope_theta +
-    rope_scaling {rope_type, mrope_section, mrope_interleaved}, or 5.x's rope_parameters with all four."""
+    rope_scaling {rope_type, mrope_section, mrope_interleaved}, or 5.x's rope_parameters with all four
+    (mrope_interleaved true / false: mrope_layout "interleaved" / "chunked")."""
     legacy, params = text.pop("rope_scaling", None), text.pop("rope_parameters", None)
     if legacy is not None and params is not None:
         raise ValueError(f"{where}: text_config holds both rope_scaling (transformers 4.57) and rope_parameters "
@@ -350,12 +400,101 @@ def _read_text_rope(text, where):
     if rope.pop("rope_type", "default") != "default":
         raise ValueError(f"{where}: {name}.rope_type is {(params or legacy)['rope_type']!r}; only 'default' "
                          "(plain MRoPE, no context extension) is implemented")
-    for key in ("rope_theta", "mrope_section", "mrope_interleaved"):
+    for key in ("rope_theta", "mrope_section"):
         if key in rope:
             text[key] = rope.pop(key)
+    if "mrope_interleaved" in rope:                  # true / false: Qwen3-VL's layout / Qwen2-VL's chunked one
+        interleaved = rope.pop("mrope_interleaved")
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"{where}: {name}.mrope_interleaved={interleaved!r}: must be true or false")
+        text["mrope_layout"] = "interleaved" if interleaved else "chunked"
     if rope:
         raise ValueError(f"{where}: unknown {name} key(s) {sorted(rope)}; known: rope_type, rope_theta, "
                          "mrope_section, mrope_interleaved")
+
+
+def _read_ablations(d, text, where):
+    """The top-level "ablations" object that our own checkpoints write (to_hf_dict(ablations=True)): pops it from
+    `d`, puts text.mrope_layout into `text` and returns the top-level switches {field: value}. The layout it names
+    must agree with mrope_interleaved (already read as text's mrope_layout): false for "chunked", true otherwise."""
+    switches = d.pop("ablations", {})
+    if not isinstance(switches, dict):
+        raise TypeError(f"{where}: ablations={switches!r}: must be a JSON object")
+    unknown = sorted(set(switches) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"{where}: unknown ablations key(s) {unknown}; known: {sorted(ABLATIONS)}")
+    top = {}
+    for key, value in switches.items():
+        if key == "text.mrope_layout":
+            read = text.get("mrope_layout", "interleaved")
+            if (value == "chunked") != (read == "chunked"):
+                raise ValueError(f"{where}: ablations says text.mrope_layout={value!r}, but the RoPE settings' "
+                                 f"mrope_interleaved is {read != 'chunked'}")
+            text["mrope_layout"] = value
+        else:
+            top[key] = value
+    return top
+
+
+# Fields that --arch cannot set: the tokenizer a run uses decides them.
+ARCH_FIXED = ("text.vocab_size", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def parse_arch(spec):
+    """
+    train.py's --arch "KEY=VALUE[,KEY=VALUE...]" -> overrides for Qwen3VLConfig.from_preset: {field: value,
+    "text": {...}, "vision": {...}}. KEY is a field of Qwen3VLConfig, or text.<field> / vision.<field>; VALUE is
+    parsed by the field's type, strictly: true / false for a bool, a whole number for an int, a finite number for a
+    float, the text itself for a string (the config checks it against its allowed values). ValueError naming the
+    key for an unknown key, a list field, a field set by the tokenizer (ARCH_FIXED), a key given twice or a value
+    of the wrong kind.
+    """
+    out = {}
+    for item in (spec.split(",") if spec else []):
+        key, eq, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not eq or not key:
+            raise ValueError(f"{item!r}: must be KEY=VALUE")
+        *section, name = key.split(".")
+        classes = {(): Qwen3VLConfig, ("text",): TextConfig, ("vision",): VisionConfig}
+        cls = classes.get(tuple(section))
+        kinds = {f.name: f.type for f in fields(cls)} if cls else {}
+        if name not in kinds or kinds[name] in (TextConfig, VisionConfig):
+            raise ValueError(f"unknown key {key!r}; keys are fields of Qwen3VLConfig, text.<field> (TextConfig) or "
+                             "vision.<field> (VisionConfig)")
+        if key in ARCH_FIXED:
+            raise ValueError(f"{key}: set by the run's tokenizer, not by --arch")
+        kind = kinds[name]
+        if kind is bool and text in ("true", "false"):
+            value = text == "true"
+        elif kind is int and re.fullmatch(r"-?\d+", text):
+            value = int(text)
+        elif kind is float and re.fullmatch(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
+            value = float(text)
+        elif kind is str and text:
+            value = text
+        else:
+            allowed = {bool: "true or false", int: "a whole number", float: "a number", str: "a word"}.get(kind)
+            raise ValueError(f"{key}={text!r}: must be {allowed}" if allowed else
+                             f"{key}: a {kind.__name__} field, which --arch does not set")
+        target = out.setdefault(section[0], {}) if section else out
+        if name in target:
+            raise ValueError(f"{key}: given twice")
+        target[name] = value
+    return out
+
+
+def flat_arch(overrides):
+    """parse_arch's nested overrides as {dotted key: value}."""
+    return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in overrides.items()
+            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def get_field(cfg, key):
+    """A config field by its dotted name ("deepstack", "text.mrope_layout")."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _checked(cls, d, where, skip=()):

@@ -9,6 +9,7 @@ Notable features
 - Visual tokens: the ViT's merged features replace the `<|image_pad|>` / `<|video_pad|>` placeholder embeddings.
 - DeepStack (§2.2): features of intermediate ViT blocks are added to the hidden states at visual positions
   after each of the first LLM layers.
+- Ablation switches (config.ABLATIONS): `deepstack`, `text.mrope_layout`, `video_time`; the paper's by default.
 - Hugging Face safetensors checkpoints of both generations (transformers 4.57 and 5, dense and MoE) load and save
   through config.py's key table (`HF_PREFIXES`), with the tokenizer and processor files when asked
   (`save_pretrained`); a checkpoint reads only the files inside its directory and only float tensors.
@@ -263,6 +264,17 @@ def _check_tensor(name, t, shape, allowed, dtypes):
         raise ValueError(f"{name} of shape {list(t.shape)}: must be {allowed}")
 
 
+def prompt_positions(cfg: Qwen3VLConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                 video_second_per_grid=None):
+    """3-D positions [3, B, S] and rope_deltas [B, 1] of prompts for a model of config `cfg` (rope.rope_index), with
+    its switches: text.mrope_layout "text" numbers every token 1-D; video_time "trope" places a video's frame groups
+    by video_second_per_grid [n_videos] (the processor's), which the other settings do not read."""
+    return rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                      image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                      spatial_merge_size=cfg.vision.spatial_merge_size, text_positions=cfg.text.mrope_layout == "text",
+                      video_second_per_grid=video_second_per_grid if cfg.video_time == "trope" else None)
+
+
 class Qwen3VL(nn.Module):
     def __init__(self, cfg: Qwen3VLConfig):
         super().__init__()
@@ -272,7 +284,7 @@ class Qwen3VL(nn.Module):
         # block mask: packed rows without the O(S^2) mask, no KV cache) or "auto": flex on CUDA for packed rows
         # (document_ids), sdpa otherwise. The ViT has its own switch, self.visual.attn_impl.
         self.attn_impl = "auto"
-        self.visual = VisionEncoder(cfg.vision)
+        self.visual = VisionEncoder(cfg.vision, deepstack=cfg.deepstack)
         self.language_model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -338,15 +350,15 @@ class Qwen3VL(nn.Module):
                 idle += (m.num_experts - m.top_k) * per_expert
         return self.num_params() - idle
 
-    def get_position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
-        """3-D positions [3, B, S] and rope_deltas [B, 1] of a prompt (rope.rope_index)."""
-        return rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
-                          image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
-                          spatial_merge_size=self.cfg.vision.spatial_merge_size)
+    def get_position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                         video_second_per_grid=None):
+        """3-D positions [3, B, S] and rope_deltas [B, 1] of a prompt (prompt_positions)."""
+        return prompt_positions(self.cfg, input_ids, attention_mask, image_grid_thw, video_grid_thw, video_second_per_grid)
 
     def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                      pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
-                     document_ids=None, loss_weights=None, check_values=True, check_finite=True):
+                     document_ids=None, loss_weights=None, check_values=True, check_finite=True,
+                     video_second_per_grid=None):
         """
         The one check of forward's inputs, made before any work: TypeError for what is not a tensor of the right
         kind, ValueError '<argument> ...: <what is allowed>' for the rest.
@@ -355,7 +367,8 @@ class Qwen3VL(nn.Module):
         prompt, S within the context; attention_mask [B, S] (with a kv_cache [B, S .. max_len]); labels,
         document_ids [B, S] (document_ids not with a cache); loss_weights [B, S] float, with labels; position_ids [3, B, S] or [B, S]; pixel rows
         [N, in_channels * temporal_patch_size * patch_size^2] float, each with its grid [n, 3] integer; a KVCache of
-        batch B.
+        batch B; with video_time "trope", video_second_per_grid [n_videos] float when the positions are computed here
+        (a prompt without position_ids).
         Values, with check_values and on a prompt (not on the decode steps that follow it), read back to the host
         once: ids in [0, vocab_size); labels in [0, vocab_size) or -100; each grid's t, h, w >= 1 with h and w
         multiples of spatial_merge_size and sum(t*h*w) = the pixel rows; the placeholder tokens of a modality
@@ -414,6 +427,13 @@ class Qwen3VL(nn.Module):
                     raise ValueError(f"{pixels_name} on {pixels.device}, {name}_grid_thw on {grid.device}: must be "
                                      f"on the device of input_ids ({input_ids.device})")
             modalities.append((name, pixels_name, pixels, grid, token_id))
+        trope = self.cfg.video_time == "trope"                     # one block per video, placed by its seconds
+        if trope and pixel_values_videos is not None and position_ids is None and prompt:
+            if video_second_per_grid is None:
+                raise ValueError("video_time='trope' needs video_second_per_grid [n_videos] (the processor returns "
+                                 "it) to place the frame groups in time")
+            _check_tensor("video_second_per_grid", video_second_per_grid, (video_grid_thw.shape[0],),
+                          f"[{video_grid_thw.shape[0]}] (one per video)", FLOAT_DTYPES)
         if not (check_values and prompt):
             return
 
@@ -450,12 +470,15 @@ class Qwen3VL(nn.Module):
                 raise ValueError(f"{name} placeholder tokens ({slots}) in input_ids: need {pixels_name} and "
                                  f"{name}_grid_thw")
             n_features, n_groups = n_rows // m ** 2, sum(t for t, _, _ in rows)
+            if trope and name == "video":                # all frame groups of a video in one block
+                n_groups = len(rows)
             if slots != n_features:
                 raise ValueError(f"{name} placeholder tokens ({slots}) do not match the {name} features "
                                  f"({n_features} from grids {rows})")
             if runs != n_groups:
-                raise ValueError(f"{name} placeholder tokens come in {runs} runs: must be one run per {name} frame "
-                                 f"group ({n_groups} from grids {rows})")
+                unit = "video (video_time='trope')" if trope and name == "video" else f"{name} frame group"
+                raise ValueError(f"{name} placeholder tokens come in {runs} runs: must be one run per {unit} "
+                                 f"({n_groups} from grids {rows})")
             if pixels is not None and check_finite and not stats[f"{name} finite"]:
                 raise ValueError(f"{pixels_name} holds NaN or infinite values: must be finite (check_finite=False "
                                  "skips this check)")
@@ -498,11 +521,12 @@ class Qwen3VL(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
                 aux_loss=False, document_ids=None, run_vision=False, return_hidden=False, loss_weights=None,
-                loss_reduction="mean", check_finite=True):
+                loss_reduction="mean", check_finite=True, video_second_per_grid=None):
         """
         input_ids [B, S]; attention_mask [B, S], 1 = real token, left padding (with a kv_cache: [B, past + S] or
         [B, max_len]); pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
         labels [B, S] (-100 = ignored; shifted inside); position_ids [3, B, S] to override rope_index;
+        video_second_per_grid [n_videos] float: seconds between a video's frame groups (read with video_time "trope");
         kv_cache: a KVCache to read and extend (generation); document_ids [B, S]: rows packing several samples
         (training) attend only within a sample (pass each sample's own position_ids too); run_vision: see embed.
         aux_loss (MoE): with labels, add router_aux_loss_coef x the load-balancing loss over every sparse layer
@@ -522,7 +546,8 @@ class Qwen3VL(nn.Module):
         moe.load_balancing_loss(model.router_logits, k, mask), and moe.tokens_per_expert(...) gives the load per layer.
         """
         self.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                          labels, position_ids, kv_cache, document_ids, loss_weights, check_finite=check_finite)
+                          labels, position_ids, kv_cache, document_ids, loss_weights, check_finite=check_finite,
+                          video_second_per_grid=video_second_per_grid)
         prefill = kv_cache is None or kv_cache.rope_deltas is None      # the first call on a cache holds the prompt
         B, S = input_ids.shape
         cfg = self.cfg.text
@@ -535,13 +560,14 @@ class Qwen3VL(nn.Module):
         if position_ids is None:
             if prefill:
                 position_ids, rope_deltas = self.get_position_ids(input_ids, None if attention_mask is None
-                                                                  else attention_mask[:, :S], image_grid_thw, video_grid_thw)
+                                                                  else attention_mask[:, :S], image_grid_thw, video_grid_thw,
+                                                                  video_second_per_grid)
                 if kv_cache is not None:
                     kv_cache.rope_deltas = rope_deltas
             else:   # decoding continues every axis from the prefill's offset
                 position_ids = q_pos[None] + kv_cache.rope_deltas                             # [B, S]
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
-                                 cfg.mrope_interleaved)                                     # [B, S, hd] float32
+                                 cfg.mrope_layout)                                          # [B, S, hd] float32
 
         impl = self.attn_impl
         if impl not in ("auto", "sdpa", "flex"):
@@ -633,7 +659,9 @@ class Qwen3VL(nn.Module):
         if tokenizer is not None and tokenizer.n_vocab > self.cfg.text.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids, the model's embedding "
                              f"{self.cfg.text.vocab_size} rows")
-        os.makedirs(path, exist_ok=True)
+        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        hf_cfg = {**self.cfg.to_hf_dict(format), "dtype" if format == "v5" else "torch_dtype": dtype}  # refuses an
+        os.makedirs(path, exist_ok=True)                                     # ablated config before writing anything
         hf = self._to_hf_state_dict(expert_layout or HF_EXPERT_LAYOUT[format])
         shards, size = [[]], 0
         for key, t in hf.items():
@@ -651,8 +679,6 @@ class Qwen3VL(nn.Module):
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())},
                      "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
             atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda p: write_json(index, p))
-        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        hf_cfg = {**self.cfg.to_hf_dict(format), "dtype" if format == "v5" else "torch_dtype": dtype}
         atomic_write(os.path.join(path, "config.json"), lambda p: write_json(hf_cfg, p))
         if processor is not None:
             processor.save_pretrained(path)

@@ -9,6 +9,8 @@ Notable features
   budget for the whole clip, frames padded to an even count, 2 frames per patch: `video_grid_thw` = (n/2, H/16, W/16).
 - Textual timestamps (Qwen3-VL report §2.3): each group of 2 frames is written as
   `<{t:.1f} seconds><|vision_start|><|video_pad|>...<|vision_end|>`, t = mean time of its first and last frame.
+  The ablation switch video_time (config.VIDEO_TIMES) writes instead one block per video ("trope", its groups placed
+  in time by the positions) or the blocks without timestamps ("none").
 - One call turns a batch of chats into the model's keyword arguments, left-padded, with SFT `labels`.
 - Grounding (§5.4): coordinates in a 0..1000 frame <-> pixels, parsing the model's JSON answer, drawing it.
 
@@ -26,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from checks import check_number
+from config import VIDEO_TIMES
 
 # The largest pixel budgets a Processor accepts: 4x the released ones (16,777,216 per image = 4096 x 4096, and
 # 25,165,824 per video clip). A bigger budget, as a corrupt preprocessor_config.json may hold, would resize a small
@@ -245,9 +248,12 @@ class Processor:
                  min_pixels=65536, max_pixels=16777216,                    # images: 256x256 .. 4096x4096
                  video_min_pixels=4096, video_max_pixels=25165824,         # videos: frames x H x W, whole clip
                  video_fps=2.0, video_min_frames=4, video_max_frames=768,
-                 image_mean=0.5, image_std=0.5):
+                 image_mean=0.5, image_std=0.5, video_time="timestamps"):
         """Every number is checked here (TypeError / ValueError '<argument>=<value>: <what is allowed>'); the pixel
-        budgets are bounded by IMAGE_PIXEL_LIMIT and VIDEO_PIXEL_LIMIT."""
+        budgets are bounded by IMAGE_PIXEL_LIMIT and VIDEO_PIXEL_LIMIT. video_time: the model config's (one of
+        config.VIDEO_TIMES), how a video is written into the text (see __call__)."""
+        if video_time not in VIDEO_TIMES:
+            raise ValueError(f"video_time={video_time!r}: must be one of {', '.join(VIDEO_TIMES)}")
         for name, value, high in (("patch_size", patch_size, 256), ("temporal_patch_size", temporal_patch_size, 64),
                                   ("merge_size", merge_size, 64), ("min_pixels", min_pixels, IMAGE_PIXEL_LIMIT),
                                   ("max_pixels", max_pixels, IMAGE_PIXEL_LIMIT),
@@ -275,6 +281,7 @@ class Processor:
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
         self.video_fps, self.video_min_frames, self.video_max_frames = video_fps, video_min_frames, video_max_frames
         self.image_mean, self.image_std = image_mean, image_std
+        self.video_time = video_time
 
     def normalize(self, frames):
         """uint8 [T, H, W, 3] -> float32 [T, 3, H, W], (x/255 - mean) / std (one value, or one per channel)."""
@@ -379,6 +386,8 @@ class Processor:
           input_ids [B, S] long, left-padded with <|endoftext|>; attention_mask [B, S] (0 on padding);
           pixel_values [N, 1536] float32 and image_grid_thw [n_images, 3] long (None without images);
           pixel_values_videos, video_grid_thw (None without videos), in the order they appear in the batch;
+          video_second_per_grid [n_videos] float32: the seconds between two frame groups of each video (the mean
+          spacing of their times; None without videos), which rope_index reads with video_time "trope";
           labels [B, S]: the token ids on assistant tokens (Tokenizer.apply_chat_template's mask), -100 elsewhere,
           not shifted (the loss compares logits at s with labels at s+1).
         return_text=True adds "text": each row as rendered text (with the video timestamps), for debugging.
@@ -393,7 +402,7 @@ class Processor:
         if isinstance(conversations[0], dict):
             conversations = [conversations]
         tok, m2 = self.tok, self.merge_size ** 2
-        images, image_grids, videos, video_grids = [], [], [], []
+        images, image_grids, videos, video_grids, video_seconds = [], [], [], [], []
 
         def expand(item, kind):                  # one image / video -> its pixel rows and its tokens
             if kind == "image":
@@ -404,10 +413,15 @@ class Processor:
             rows, grid, seconds = self.process_video(item.get("video"), item.get("fps"))
             videos.append(rows)
             video_grids.append(grid)
+            video_seconds.append((seconds[-1] - seconds[0]) / (len(seconds) - 1) if len(seconds) > 1
+                                 else self.temporal_patch_size / self.video_fps)
+            group = [tok.video_token_id] * (grid[1] * grid[2] // m2)
+            if self.video_time == "trope":      # one block; rope_index places the groups by video_second_per_grid
+                return [tok.vision_start_id] + group * grid[0] + [tok.vision_end_id]
             pieces = []
-            for t in range(grid[0]):
-                pieces += [f"<{seconds[t]:.1f} seconds>", tok.vision_start_id]
-                pieces += [tok.video_token_id] * (grid[1] * grid[2] // m2) + [tok.vision_end_id]
+            for t in range(grid[0]):            # "timestamps": the group's time as text first; "none": nothing
+                pieces += [f"<{seconds[t]:.1f} seconds>"] if self.video_time == "timestamps" else []
+                pieces += [tok.vision_start_id] + group + [tok.vision_end_id]
             return pieces
 
         rows = []
@@ -431,6 +445,7 @@ class Processor:
                      image_grid_thw=torch.tensor(image_grids, dtype=torch.long) if images else None,
                      pixel_values_videos=torch.cat(videos) if videos else None,
                      video_grid_thw=torch.tensor(video_grids, dtype=torch.long) if videos else None,
+                     video_second_per_grid=torch.tensor(video_seconds, dtype=torch.float32) if videos else None,
                      labels=labels)
         for name, token, grids in [("image", tok.image_token_id, image_grids),
                                    ("video", tok.video_token_id, video_grids)]:

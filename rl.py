@@ -470,7 +470,7 @@ def encode_prompt(processor, sample):
     and its pixels and grids (None where it has none)."""
     b = processor([sample["prompt"]], add_generation_prompt=True)
     return dict(ids=b["input_ids"][0], pv=b["pixel_values"], ig=b["image_grid_thw"], pvv=b["pixel_values_videos"],
-                vg=b["video_grid_thw"])
+                vg=b["video_grid_thw"], vs=b["video_second_per_grid"])
 
 
 def batch_inputs(prompts, pad_id, responses=None, keep=None):
@@ -496,7 +496,8 @@ def batch_inputs(prompts, pad_id, responses=None, keep=None):
         parts = [p[key] for p in prompts if p[key] is not None]
         return torch.cat(parts) if parts else None
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=media("pv"),
-                image_grid_thw=media("ig"), pixel_values_videos=media("pvv"), video_grid_thw=media("vg"))
+                image_grid_thw=media("ig"), pixel_values_videos=media("pvv"), video_grid_thw=media("vg"),
+                video_second_per_grid=media("vs"))
 
 
 def response_masks(tokens, stop_ids):
@@ -838,6 +839,7 @@ def parse_args(argv=None):
     if (args.prompts * args.group_size) % args.minibatches:
         parser.error(f"--prompts x --group_size ({args.prompts * args.group_size} responses) must divide into "
                      f"--minibatches {args.minibatches}")
+    args.arch_overrides = {}          # the policy's architecture is its checkpoint's (train.tokenizer_and_config)
     return args
 
 
@@ -865,7 +867,7 @@ def main(argv=None):
     resume = train.checkpoint_to_resume(args, run.say)
     tok, cfg, start = train.tokenizer_and_config(args, data, resume, run.say)
     model = train.build_model(args, cfg, start, resume, run)
-    processor = train.make_processor(args, start or resume, tok, data)
+    processor = train.make_processor(args, start or resume, tok, data, cfg)
     encode_prompt(processor, data.sample(0))            # the first prompt reads and fits before anything is written
     os.makedirs(args.out_dir, exist_ok=True)
     run.say(f"writing to {os.path.abspath(args.out_dir)}")

@@ -11,7 +11,11 @@ Three pieces live here, in the order the model uses them:
                       grid (h, w) shares one t and spreads h/w over its rows and columns.
 3. `mrope_cos_sin`    Interleaved MRoPE: the 64 frequency slots of a 128-dim head are assigned to the axes as
                       THW THW ... THW TTTT (Qwen3-VL) instead of Qwen2-VL's chunked TTT..HHH..WWW (kept behind
-                      `interleaved=False` for ablations). Pure text has t = h = w, so it reduces to 1-D RoPE.
+                      `layout="chunked"` for ablations). Pure text has t = h = w, so it reduces to 1-D RoPE.
+
+Ablations (config.ABLATIONS): text.mrope_layout "chunked" (the slot layout above) or "text" (rope_index numbers
+every token 1-D, like text); video_time "trope" (rope_index: a video's frame groups advance t with their time in
+seconds, Qwen2.5-VL's absolute-time positions).
 
 `apply_rotary` rotates q/k with the usual rotate-half pairing (dim i with dim i + d/2).
 
@@ -58,36 +62,54 @@ def vision_cos_sin(rows, cols, head_dim, theta=10000.0):
 # ----------------------------------------------------------------------------------------------------------
 # 2. 3-D position ids (reference §3.5)
 
+TROPE_TOKENS_PER_SECOND = 2      # video_time "trope": temporal positions per second of video (Qwen2.5-VL's value)
+
+
 def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
-               image_token_id, video_token_id, spatial_merge_size=2):
+               image_token_id, video_token_id, spatial_merge_size=2, text_positions=False, video_second_per_grid=None):
     """
     input_ids:      [B, S] token ids (left padded)
     attention_mask: [B, S] 1 for real tokens, 0 for padding (or None)
     image_grid_thw: [n_images, 3] (t, h, w) in patches, in order of appearance (or None)
     video_grid_thw: [n_videos, 3] likewise; each video is a run of t frame groups, each group its own
                     `<|vision_start|><|video_pad|>...<|vision_end|>` block after a text timestamp
+    text_positions: the "text" layout (config text.mrope_layout): every real token one 1-D position, visual tokens
+                    numbered like text, all three rows equal
+    video_second_per_grid: [n_videos] float, the seconds between two frame groups of each video (video_time
+                    "trope", Qwen2.5-VL's second_per_grid_ts): then each video is ONE block of all its t groups, and
+                    group g sits at t = start + floor(g * seconds * TROPE_TOKENS_PER_SECOND)
     Returns position_ids [3, B, S] (rows t, h, w; padding gets 1 as in the reference) and
     rope_deltas [B, 1] = max position + 1 - S, so that decode step k (0-based, after the S prompt tokens)
     sits at position S + k + rope_delta on all three axes.
 
     How it works, without a loop: every real token "advances" the running position. A text token advances it
-    by 1; a visual block of merged grid (h', w') advances it by max(h', w') in total (charged to its first token).
-    The exclusive prefix sum of the advances is each token's start position `st`. A text token sits at
-    (st, st, st); the k-th token of a visual block that starts at `st0` sits at (st0, st0 + k // w', st0 + k % w').
+    by 1; a visual block of merged grid (t', h', w') advances it by 1 + its largest offset on any axis (max(h', w')
+    for one frame group), charged to its first token. The exclusive prefix sum of the advances is each token's
+    start position `st`. A text token sits at (st, st, st); the k-th token of a visual block that starts at `st0`
+    sits at (st0 + time offset of its group, st0 + row, st0 + column).
     """
     B, S = input_ids.shape
     device = input_ids.device
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if text_positions:
+        pos = valid.long().cumsum(dim=1) - 1                                    # [B, S]
+        pos = torch.where(valid, pos, torch.ones_like(pos))[None].expand(3, B, S)   # [3, B, S]
+        return pos, valid.sum(dim=1, keepdim=True) - S       # the largest position + 1 is the count of real tokens
 
-    # per-block merged grid (h', w'), images and video frame groups listed separately in order of appearance
+    # per block: merged grid (t', h', w') and seconds per frame group; images and videos listed separately in
+    # order of appearance. A block is one frame group, or (trope) a whole video.
     m = spatial_merge_size
-    def block_hw(grid):                                    # grid [n, 3] -> [sum t, 2] one row per frame group
+    def blocks(grid, seconds):                             # grid [n, 3] -> [n_blocks, 3] long, [n_blocks] float
         if grid is None or grid.numel() == 0:
-            return torch.zeros(0, 2, dtype=torch.long, device=device)
+            return torch.zeros(0, 3, dtype=torch.long, device=device), torch.zeros(0, device=device)
         grid = grid.to(device)
-        groups = grid.repeat_interleave(grid[:, 0], dim=0)  # videos split into their frame groups (t -> 1)
-        return groups[:, 1:] // m
-    img_hw, vid_hw = block_hw(image_grid_thw), block_hw(video_grid_thw)
+        if seconds is not None:                            # trope: the video whole, its groups spaced in time
+            return grid // torch.tensor([1, m, m], device=device), seconds.to(device, torch.float32)
+        groups = grid.repeat_interleave(grid[:, 0], dim=0)  # split into frame groups (t -> 1)
+        groups = torch.cat([torch.ones_like(groups[:, :1]), groups[:, 1:] // m], dim=1)
+        return groups, torch.zeros(len(groups), device=device)
+    img_blk, img_sec = blocks(image_grid_thw, None)
+    vid_blk, vid_sec = blocks(video_grid_thw, video_second_per_grid)
 
     is_img = (input_ids == image_token_id) & valid           # [B, S]
     is_vid = (input_ids == video_token_id) & valid
@@ -100,25 +122,33 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
     # index of each token's block among all image (video) blocks of the batch, row-major = order of appearance
     img_block = (img_start.flatten().cumsum(0) - 1).view(B, S).clamp(min=0)
     vid_block = (vid_start.flatten().cumsum(0) - 1).view(B, S).clamp(min=0)
-    zero = torch.zeros(B, S, 2, dtype=torch.long, device=device)
-    hw = torch.where(is_img[..., None], img_hw[img_block] if len(img_hw) else zero, zero)
-    hw = torch.where(is_vid[..., None], vid_hw[vid_block] if len(vid_hw) else zero, hw)   # [B, S, 2]
-    w = hw[..., 1].clamp(min=1)
+    zero = torch.zeros(B, S, 3, dtype=torch.long, device=device)
+    thw = torch.where(is_img[..., None], img_blk[img_block] if len(img_blk) else zero, zero)
+    thw = torch.where(is_vid[..., None], vid_blk[vid_block] if len(vid_blk) else zero, thw)   # [B, S, 3]
+    zero_sec = torch.zeros(B, S, device=device)
+    sec = torch.where(is_vid, vid_sec[vid_block] if len(vid_sec) else zero_sec, zero_sec)     # [B, S] (images: 0)
+    h, w = thw[..., 1].clamp(min=1), thw[..., 2].clamp(min=1)
 
     # offset k of each visual token inside its block: index minus the index of the block's first token
     idx = torch.arange(S, device=device).expand(B, S)
     start_idx = torch.where(img_start | vid_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
     k = idx - start_idx                                      # [B, S], meaningful on visual tokens
+    group, in_group = k // (h * w), k % (h * w)              # frame group inside the block, token inside the group
+    # the time offset of a frame group, truncated to a whole position as Qwen2.5-VL does: g x (rate x seconds)
+    interval = sec * TROPE_TOKENS_PER_SECOND                                                 # [B, S] float32
+    t_off = (group.float() * interval).long()                                                # [B, S]
+    last_t_off = ((thw[..., 0] - 1).clamp(min=0).float() * interval).long()
 
     advance = torch.where(is_vis, torch.zeros_like(idx), valid.long())
-    advance = torch.where(img_start | vid_start, hw.max(dim=-1).values, advance)
+    span = torch.maximum(last_t_off, torch.maximum(thw[..., 1], thw[..., 2]) - 1) + 1     # [B, S]
+    advance = torch.where(img_start | vid_start, span, advance)
     st = advance.cumsum(dim=1) - advance                     # exclusive prefix sum: start position of each token
     # every visual token of a block shares the start of its first token: carry it forward with cummax
     st0 = torch.where(img_start | vid_start, st, torch.zeros_like(st)).cummax(dim=1).values
 
-    t_pos = torch.where(is_vis, st0, st)
-    h_pos = torch.where(is_vis, st0 + k // w, st)
-    w_pos = torch.where(is_vis, st0 + k % w, st)
+    t_pos = torch.where(is_vis, st0 + t_off, st)
+    h_pos = torch.where(is_vis, st0 + in_group // w, st)
+    w_pos = torch.where(is_vis, st0 + in_group % w, st)
     pos = torch.stack([t_pos, h_pos, w_pos])                 # [3, B, S]
     pos = torch.where(valid[None], pos, torch.ones_like(pos))
 
@@ -130,24 +160,29 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
 # ----------------------------------------------------------------------------------------------------------
 # 3. Interleaved MRoPE (reference §3.4)
 
-def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), interleaved=True):
+def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), layout="interleaved"):
     """
     position_ids: [3, B, S] (t, h, w) positions, or [B, S] for plain 1-D positions.
     Returns cos, sin: [B, S, head_dim] float32.
-    Interleaved (Qwen3-VL): frequency slot i uses axis h if i % 3 == 1 and i < 3*sections[1], axis w if
-    i % 3 == 2 and i < 3*sections[2], else t. Chunked (Qwen2-VL): the first sections[0] slots use t, the next
-    sections[1] use h, the last sections[2] use w.
+    layout (config text.mrope_layout), which axis each frequency slot i turns with:
+    "interleaved" (Qwen3-VL): h if i % 3 == 1 and i < 3*sections[1], w if i % 3 == 2 and i < 3*sections[2], else t.
+    "chunked" (Qwen2-VL, Qwen2.5-VL): the first sections[0] slots t, the next sections[1] h, the last sections[2] w.
+    "text": t for every slot, 1-D RoPE (rope_index gives such a model equal rows anyway).
     """
     if position_ids.dim() == 2:
         position_ids = position_ids[None].expand(3, -1, -1)
     freqs = inv_freq(head_dim, theta).to(position_ids.device)                  # [head_dim/2]
     angles = position_ids[..., None].float() * freqs                            # [3, B, S, head_dim/2]
     slot = torch.arange(head_dim // 2, device=position_ids.device)
-    if interleaved:
+    if layout == "interleaved":
         axis = torch.where((slot % 3 == 1) & (slot < 3 * mrope_section[1]), 1, 0)
         axis = torch.where((slot % 3 == 2) & (slot < 3 * mrope_section[2]), 2, axis)
-    else:
+    elif layout == "chunked":
         axis = torch.repeat_interleave(torch.arange(3, device=slot.device), torch.tensor(mrope_section, device=slot.device))
+    elif layout == "text":
+        axis = torch.zeros_like(slot)
+    else:
+        raise ValueError(f"layout={layout!r}: must be 'interleaved', 'chunked' or 'text'")
     angles = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]  # [B, S, head_dim/2]
     emb = torch.cat([angles, angles], dim=-1)                                   # [B, S, head_dim]
     return emb.cos(), emb.sin()

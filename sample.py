@@ -148,7 +148,7 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-             pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=64, temperature=1.0, top_k=0,
+             pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None, *, max_new_tokens=64, temperature=1.0, top_k=0,
              top_p=1.0, repetition_penalty=1.0, presence_penalty=0.0, eos_ids=EOS_IDS, pad_id=PAD_ID,
              generator=None, return_logprobs=False, cuda_graph=False, on_token=None, check_finite=True):
     """
@@ -176,7 +176,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token={on_token!r}: must be callable or None")
     model.check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                       check_values=False)                # shapes now; the prefill checks the values
+                       check_values=False, video_second_per_grid=video_second_per_grid)
+    # (shapes now; the prefill checks the values)
     B, S = input_ids.shape
     device = input_ids.device
     if generator is not None and generator.device.type != device.type:
@@ -199,8 +200,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     # position's logits are made (left padding: it is real in every row)
     hidden, _ = model(input_ids, attention_mask=None if bool(attention_mask.all()) else attention_mask,
                       pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, kv_cache=cache,
-                      check_finite=check_finite, return_hidden=True)                # [B, S, H]
+                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                      video_second_per_grid=video_second_per_grid, kv_cache=cache, check_finite=check_finite,
+                      return_hidden=True)                                           # [B, S, H]
     logits = model.lm_head(hidden[:, -1]).float()                                   # [B, V]
     step = functools.partial(decode_step, model, cache, attention_mask=mask)
     if cuda_graph and max_new_tokens > 1:
@@ -248,9 +250,10 @@ def load(path, device="cpu", dtype=None):
 def load_processor(path):
     """
     (checkpoint directory, tokenizer, processor) of what `load` takes, with the image pixel budgets the model was
-    trained with (Processor.from_pretrained; the Processor bounds them). Reads no weights. FileNotFoundError without the
-    directory; ValueError / TypeError naming the file for bad budgets.
+    trained with (Processor.from_pretrained; the Processor bounds them) and the video_time of its config.json. Reads no
+    weights. FileNotFoundError without the directory; ValueError / TypeError naming the file for bad budgets.
     """
+    from config import read_hf_config
     from processor import Processor
     from tokenizer import Tokenizer
     from train import checkpoint_dir
@@ -259,8 +262,11 @@ def load_processor(path):
                                 "safetensors and the tokenizer files)")
     path = checkpoint_dir(path) or path                # one of train.py's checkpoints (or its run's folder)
     tok = Tokenizer.from_pretrained(path)
+    # videos are written as the model's config says (its video_time switch); a directory without one: the paper's way
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    video_time = read_hf_config(path).video_time if has_config else "timestamps"
     try:
-        return path, tok, Processor.from_pretrained(path, tok)
+        return path, tok, Processor.from_pretrained(path, tok, video_time=video_time)
     except (TypeError, ValueError) as e:                  # the same error, saying which file it comes from
         raise type(e)(f"{os.path.join(path, 'preprocessor_config.json')!r}: {e}") from e
 

@@ -54,11 +54,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from data import BadSample, open_data
 from eval import evaluate, report
-from config import PRESETS, Qwen3VLConfig, read_hf_config, write_json
-from model import Qwen3VL
+from config import PRESETS, Qwen3VLConfig, flat_arch, get_field, parse_arch, read_hf_config, write_json
+from model import Qwen3VL, prompt_positions
 from moe import load_balancing_loss
 from processor import Processor
-from rope import rope_index
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +88,9 @@ def get_parser():
     p.add_argument("--vocab_size", type=int, default=1024, help="size of the BPE trained for a toy preset on toy data")
     p.add_argument("--pos_embed_std", type=float, default=0.02, help="initial std of the ViT's position table "
                    "(from scratch; the reference's initializer_range)")
+    p.add_argument("--arch", default="", help="KEY=VALUE,... config fields of a new model over the preset's, dotted for "
+                   "text. / vision. (config.parse_arch), e.g. the ablations deepstack=false,text.mrope_layout=chunked,"
+                   "video_time=trope (config.ABLATIONS); such a model is not exported to Hugging Face")
     # data
     p.add_argument("--data", default="toy", help="'toy' or JSONL files with weights: a.jsonl:3,b.jsonl:1")
     p.add_argument("--eval_data", default="", help="JSONL files scored during training (default: the toy world's "
@@ -191,6 +193,15 @@ def parse_args(argv=None):
         parser.error(f"--beta2 {args.beta2}: must be in (0, 1)")
     if args.preset == "all" and not args.plan:
         parser.error("--preset all: only with --plan (a run trains one size)")
+    try:
+        args.arch_overrides = parse_arch(args.arch)
+        if args.arch and args.preset != "all":         # every value checked now, before anything is written
+            Qwen3VLConfig.from_preset(args.preset, **args.arch_overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--arch {args.arch}: {e}")
+    if args.arch and args.init_from:
+        parser.error(f"--arch {args.arch} with --init_from: the architecture is the checkpoint's, whose weights were "
+                     "trained for it; --arch builds a new model (with --preset)")
     args.stage_list = []
     for item in args.stages.split(","):
         name, _, steps = item.partition(":")
@@ -233,9 +244,8 @@ class Packer:
             tok = self.processor.tok
             labels = ids.masked_fill((ids == tok.image_token_id) | (ids == tok.video_token_id), -100)
         labels[0] = -100                                  # nothing in the row predicts a sample's first token
-        pos, _ = rope_index(b["input_ids"], None, b["image_grid_thw"], b["video_grid_thw"],
-                            image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
-                            spatial_merge_size=self.cfg.vision.spatial_merge_size)
+        pos, _ = prompt_positions(self.cfg, b["input_ids"], None, b["image_grid_thw"], b["video_grid_thw"],
+                                  b["video_second_per_grid"])
         return dict(ids=ids, labels=labels, pos=pos[:, 0], pv=b["pixel_values"], ig=b["image_grid_thw"],
                     pvv=b["pixel_values_videos"], vg=b["video_grid_thw"])
 
@@ -482,7 +492,7 @@ def save_checkpoint(out_dir, model, optimizer, tok, processor, step, args, rank)
     save_rng(os.path.join(tmp, f"rng-{rank}.safetensors"))
     barrier()
     if rank == 0:
-        write_json(model.cfg.to_hf_dict(), os.path.join(tmp, "config.json"))
+        write_json(model.cfg.to_hf_dict(ablations=True), os.path.join(tmp, "config.json"))   # with its switches
         tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
         if tok.chat_template is not None:                     # a checkpoint's own template formats its chats
             with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
@@ -787,7 +797,7 @@ def print_plan(args):
     elif args.preset == "all":
         configs = {n: Qwen3VLConfig.from_preset(n) for n in PRESETS if n.startswith("qwen3-vl-")}
     else:
-        configs = {args.preset: Qwen3VLConfig.from_preset(args.preset)}
+        configs = {args.preset: Qwen3VLConfig.from_preset(args.preset, **args.arch_overrides)}
     print(f"seq_len {args.seq_len}, batch {args.batch_size} per GPU, {args.n_gpus} GPUs, FSDP2 bf16, AdamW; "
           f"{args.visual_fraction:.0%} visual tokens")
     print(f"{'model':>20s} {'params':>9s} {'state/GPU':>10s} {'acts/GPU':>9s} {'acts+AC':>9s} {'total/GPU':>10s} {'TFLOP/tok':>10s}")
@@ -821,7 +831,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     tok, cfg, start = tokenizer_and_config(args, data, resume, run.say)
     model = build_model(args, cfg, start, resume, run)
-    processor = make_processor(args, start or resume, tok, data)
+    processor = make_processor(args, start or resume, tok, data, cfg)
     packer = Packer(data, processor, cfg, args.loss_weighting, args.skip_bad_samples)
     first = args.stage_list[0][0]
     if not packer.row(0, first, args.seq_len * STAGES[base_stage(first, data)]["seq_mult"]):
@@ -907,7 +917,12 @@ def tokenizer_and_config(args, data, resume, say):
     vocabulary (a toy preset on toy data: a new BPE on the world's text). Also returns --init_from's checkpoint
     folder (a train.py checkpoint or a Hugging Face directory), or None."""
     if resume:
-        return Tokenizer.from_pretrained(resume), read_hf_config(resume), None
+        cfg = read_hf_config(resume)
+        for key, value in flat_arch(args.arch_overrides).items():
+            if get_field(cfg, key) != value:
+                raise ValueError(f"--arch {key}={value!r}: the resumed checkpoint {resume!r} has "
+                                 f"{key}={get_field(cfg, key)!r}; a run resumes with its own architecture")
+        return Tokenizer.from_pretrained(resume), cfg, None
     if args.init_from:
         try:
             start = checkpoint_dir(args.init_from) or args.init_from
@@ -921,7 +936,7 @@ def tokenizer_and_config(args, data, resume, say):
         return tok, cfg, start
     if args.preset.startswith("qwen3-vl-"):  # a released size from scratch: the real vocabulary at its real ids
         tok = Tokenizer.from_pretrained(args.tokenizer or None)
-        cfg = Qwen3VLConfig.from_preset(args.preset)
+        cfg = Qwen3VLConfig.from_preset(args.preset, **args.arch_overrides)
         if tok.image_token_id != cfg.image_token_id:
             raise ValueError(f"--tokenizer puts <|image_pad|> at {tok.image_token_id}, {args.preset} at "
                              f"{cfg.image_token_id}")
@@ -936,8 +951,10 @@ def tokenizer_and_config(args, data, resume, say):
         say(f"trained a {tok.n_vocab}-token BPE on the toy world in {time.time() - t0:.1f}s")
     else:
         tok = Tokenizer.from_pretrained(None)
+    arch = dict(args.arch_overrides)
+    text = {**arch.pop("text", {}), "vocab_size": 64 * math.ceil(tok.n_vocab / 64)}
     cfg = Qwen3VLConfig.from_preset(
-        args.preset, text=dict(vocab_size=64 * math.ceil(tok.n_vocab / 64)),
+        args.preset, text=text, **arch,
         image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
         vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
     return tok, cfg, None
@@ -973,13 +990,14 @@ def build_model(args, cfg, start, resume, run):
     return model
 
 
-def make_processor(args, checkpoint, tok, data):
+def make_processor(args, checkpoint, tok, data, cfg):
     """The processor: the checkpoint's (its image pixel budgets), else one for the dataset's images (the toy world's
-    budgets follow its image size; a file's: the released processor's); --min/max_pixels replace the budgets."""
+    budgets follow its image size; a file's: the released processor's); --min/max_pixels replace the budgets. Videos
+    are written as the model config's video_time says."""
     budgets = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     if checkpoint:
-        return Processor.from_pretrained(checkpoint, tok, **budgets)
-    return Processor(tok, **{**data.budgets, **budgets})
+        return Processor.from_pretrained(checkpoint, tok, **budgets, video_time=cfg.video_time)
+    return Processor(tok, **{**data.budgets, **budgets}, video_time=cfg.video_time)
 
 
 def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, metrics):
@@ -1102,9 +1120,13 @@ def finish(args, run, model, tok, processor, test_data, packer):
     if test_data is not None:
         results, examples = evaluate(model, processor, test_data, args.test_samples or None, run.device,
                                      run.autocast, args.max_new_tokens)
-    export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), run.rank, getattr(torch, args.export_dtype))
+    ablations = model.cfg.ablations()
+    if not ablations:          # an ablated architecture is not the one transformers runs (Qwen3VLConfig.to_hf_dict)
+        export_hf(model, tok, processor, os.path.join(args.out_dir, "hf"), run.rank, getattr(torch, args.export_dtype))
     if run.rank == 0:
-        written = ["loss.png", "metrics.jsonl", "hf/ (Hugging Face export)"]
+        written = ["loss.png", "metrics.jsonl"] + ([] if ablations else ["hf/ (Hugging Face export)"])
+        if ablations:
+            say(f"no Hugging Face export: the model ablates {ablations} (its checkpoints load in sample.py, eval.py)")
         if os.path.exists(os.path.join(args.out_dir, "metrics.png")):
             written.append("metrics.png")
         if results:

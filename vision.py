@@ -149,7 +149,9 @@ class PatchMerger(nn.Module):
 class VisionEncoder(nn.Module):
     """Qwen3-ViT + merger + DeepStack mergers. forward(pixel_values, grid_thw) -> (tokens, deepstack list)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, deepstack=True):
+        """cfg: a VisionConfig; deepstack=False (the model's ablation switch) builds no DeepStack mergers, and forward
+        returns an empty DeepStack list."""
         super().__init__()
         self.cfg = cfg
         # block-diagonal attention over the frame groups: "sdpa" (one dense batch per frame-group size), "flex"
@@ -163,9 +165,10 @@ class VisionEncoder(nn.Module):
         self.grid_side = int(cfg.num_position_embeddings ** 0.5)                        # 48
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg.hidden_size, cfg.out_hidden_size, cfg.spatial_merge_size, False)
+        self.deepstack_indexes = list(cfg.deepstack_visual_indexes) if deepstack else []   # blocks that feed the LLM
         self.deepstack_merger_list = nn.ModuleList(
             PatchMerger(cfg.hidden_size, cfg.out_hidden_size, cfg.spatial_merge_size, True)
-            for _ in cfg.deepstack_visual_indexes)
+            for _ in self.deepstack_indexes)
 
     def interpolated_pos_embed(self, img, row, col, grid_thw):
         """
@@ -188,7 +191,7 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values, grid_thw):
         """
         pixel_values [N, 1536], grid_thw [n, 3] ->
-        tokens [N/4, out_hidden] and a list of len(deepstack_visual_indexes) tensors [N/4, out_hidden].
+        tokens [N/4, out_hidden] and a list of len(self.deepstack_indexes) tensors [N/4, out_hidden].
         """
         cfg = self.cfg
         dtype = self.patch_embed.proj.weight.dtype
@@ -215,7 +218,7 @@ class VisionEncoder(nn.Module):
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, layout)
-            if i in cfg.deepstack_visual_indexes:
-                j = cfg.deepstack_visual_indexes.index(i)
+            if i in self.deepstack_indexes:
+                j = self.deepstack_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](packed(x)))             # [N/4, out_hidden]
         return self.merger(packed(x)), deepstack                                        # [N/4, out_hidden]

@@ -68,18 +68,20 @@ def test_mrope_interleaved_matches_reference(pair):
     rot = ref.model.language_model.rotary_emb
     x = torch.zeros(1, pos.shape[-1], 64)
     ref_cos, ref_sin = rot(x, pos)
-    cos, sin = mrope_cos_sin(pos, 16, 5_000_000.0, [4, 2, 2], interleaved=True)
+    cos, sin = mrope_cos_sin(pos, 16, 5_000_000.0, [4, 2, 2], layout="interleaved")
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
 
 
 def test_mrope_slot_layout_real_sizes():
-    """head_dim 128, sections [24,20,20]: slots THW x20 then TTTT (interleaved); TTT..HHH..WWW (chunked)."""
+    """head_dim 128, sections [24,20,20]: slots THW x20 then TTTT (interleaved); TTT..HHH..WWW (chunked); all T
+    (text)."""
     pos = torch.stack([torch.full((1, 1), 1.0), torch.full((1, 1), 2.0), torch.full((1, 1), 3.0)]).long()
     theta = 5e6
     freqs = 1.0 / theta ** (torch.arange(0, 128, 2).float() / 128)
-    for interleaved, axes in ((True, [0, 1, 2] * 20 + [0] * 4), (False, [0] * 24 + [1] * 20 + [2] * 20)):
-        cos, _ = mrope_cos_sin(pos, 128, theta, [24, 20, 20], interleaved)
+    for layout, axes in (("interleaved", [0, 1, 2] * 20 + [0] * 4), ("chunked", [0] * 24 + [1] * 20 + [2] * 20),
+                         ("text", [0] * 64)):
+        cos, _ = mrope_cos_sin(pos, 128, theta, [24, 20, 20], layout)
         angle = torch.tensor([a + 1.0 for a in axes]) * freqs
         torch.testing.assert_close(cos[0, 0], torch.cat([angle, angle]).cos())
 
