@@ -7,8 +7,11 @@ backward on the CPU (its eager implementation differentiates exactly: conftest.f
 context-parallel block mask is built by torch.compile, which on the CPU would compile C++ for a minute; the eager
 builder computes the same mask.
 """
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from tokenizer import Tokenizer
 from data.toyworld import ToyWorld
 
 SEQ_LEN = 256                                      # a multiple of 128 x cp
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _lift_cpu_guards():
@@ -114,6 +118,36 @@ def test_two_cp_ranks_equal_one_process(packed, tmp_path):
     for n, g in grads_one.items():
         assert g is not None and g.abs().max() > 0, n
         assert (two["grads"][n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+
+
+def test_train_with_cp_equals_one_process(tmp_path):
+    """train.py --cp 2 under torchrun (2 CPU ranks, the guards above lifted and --cp's CUDA check passed) trains on
+    the rows of one process with --cp 1: the same losses, step by step, and the same weights after the updates."""
+    args = ["--vocab_size", "400", "--batch_size", "1", "--seq_len", str(SEQ_LEN), "--stages", "pretrain:3",
+            "--lr", "1e-5", "--warmup", "1", "--eval_samples", "0", "--test_samples", "1", "--max_new_tokens", "2",
+            "--seed", "3"]
+    script = tmp_path / "train_cp_on_cpu.py"
+    script.write_text(f"import sys, torch\nsys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
+                      "from test_cp import _lift_cpu_guards\n_lift_cpu_guards()\nimport train\n"
+                      "check = train.check_cp\n"
+                      "train.check_cp = lambda cp, n, device: check(cp, n, torch.device('cuda'))\n"
+                      "train.main(sys.argv[1:])\n")
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args,
+                    "--cp", "2", "--out_dir", str(two)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                   check=True, capture_output=True)
+    train.main(args + ["--out_dir", str(tmp_path / "one")])
+    a, b = (_losses(d) for d in (two, tmp_path / "one"))
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    m2, m1 = (Qwen3VL.from_pretrained(str(d / "hf")) for d in (two, tmp_path / "one"))
+    for (name, p), q in zip(m2.state_dict().items(), m1.state_dict().values()):
+        assert (p - q).abs().max() <= 1e-6, name
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [m["loss"] for m in map(json.loads, f) if "loss" in m]
 
 
 def test_cp_settings_are_checked(capsys):
