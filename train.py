@@ -198,7 +198,7 @@ def parse_args(argv=None):
                          + (" (> 0)" if name == "lr" else ""))
     if not 0 < args.beta2 < 1:
         parser.error(f"--beta2 {args.beta2}: must be in (0, 1)")
-    if args.seq_len % (128 * args.cp):
+    if args.cp > 1 and args.seq_len % (128 * args.cp):
         parser.error(f"--seq_len {args.seq_len}: with --cp {args.cp} must be a multiple of 128 x {args.cp} (torch's "
                      "context-parallel block mask takes whole blocks of 128 queries on every rank)")
     if args.preset == "all" and not args.plan:

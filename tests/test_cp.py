@@ -158,6 +158,7 @@ def test_cp_settings_are_checked(capsys):
         train.parse_args(["--cp", "0"])
     assert "--cp 0: must be >= 1" in capsys.readouterr().err
     assert train.parse_args(["--cp", "2", "--seq_len", "512"]).cp == 2
+    assert train.parse_args(["--seq_len", "200"]).cp == 1                    # any length without --cp
     with pytest.raises(ValueError, match=r"--cp 2: must divide the number of ranks, 3"):
         train.check_cp(2, 3, torch.device("cuda"))
     with pytest.raises(ValueError, match=r"--cp 2: .*FlexAttention, whose backward .* only on CUDA, not cpu"):
