@@ -20,6 +20,7 @@ Forward pass flow (Qwen3VL.forward)
         tokens scattered into x at placeholder positions; deepstack scattered into zero tensors [B, S, H]
     rope_index(input_ids, grids) ──> 3-D positions [3, B, S] ──mrope_cos_sin──> cos, sin
     attention mask: dense [B, 1, S, K] (SDPA), or for packed training rows on the GPU a block mask (FlexAttention)
+    context parallelism (train.py --cp): each rank keeps its positions of x, deepstack, cos, sin and the targets
     for layer l: x = DecoderLayer_l(x);  if l < 3: x = x + deepstack[l]
     logits = lm_head(norm(x))  [B, S, V] (or norm(x) itself: return_hidden);  loss = cross-entropy of next-token
         labels (optional), head and cross-entropy chunk by chunk (chunked_cross_entropy)
