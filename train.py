@@ -371,8 +371,8 @@ def shard(model, mesh, activation_checkpointing):
 class ContextParallel:
     """
     Context parallelism (--cp N) with torch's own implementation (torch.distributed.tensor.experimental.
-    _context_parallel; the scheme of Liu et al. 2023, "Ring Attention with Blockwise Transformers", with keys and
-    values all-gathered instead of passed round a ring). The N ranks of a group hold the same rows; each computes
+    _context_parallel): keys and values all-gathered, as in "The Llama 3 Herd of Models" (2024, §3.3.2), rather than
+    passed round a ring. The N ranks of a group hold the same rows; each computes
     the queries of 1/N of every row's positions, chosen by torch's head-tail load balancer (rank i takes chunks i and
     2N-1-i of 2N, so that every rank has as much causal work), against the keys and values of the whole row: a hook
     on each decoder layer's flex.Attention all-gathers them, and its backward reduce-scatters their gradients. The
@@ -904,7 +904,8 @@ def logged_metrics(out_dir, step):
 
 class Run:
     """Where the run computes: rank, number of ranks, device, compute dtype, autocast, the FSDP mesh (all ranks) and
-    with --cp N the context-parallel mesh (N consecutive ranks share rows: data-parallel rank dp_rank of dp_size)."""
+    with --cp N the context-parallel mesh (N consecutive ranks share rows: data-parallel rank dp_rank of dp_size) and
+    the ContextParallel that build_model makes on it (cp; None without --cp)."""
 
     def __init__(self, args):
         self.distributed = "RANK" in os.environ
