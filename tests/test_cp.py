@@ -1,6 +1,7 @@
 """
 train.py --cp: context parallelism with torch's own implementation. Two CPU ranks (gloo) splitting one packed row
-(several documents, an image) give the loss and gradients of one process; --cp's conditions are refused by name.
+(several documents, images) give the loss and gradients of one process; train.py --cp 2 under torchrun trains as
+one process does; --cp's conditions are refused by name.
 
 On the CPU two guards are lifted in the ranks, neither of which changes a number: torch refuses FlexAttention's
 backward on the CPU (its eager implementation differentiates exactly: conftest.flex_backward_on_cpu), and torch's
@@ -20,10 +21,10 @@ import torch.multiprocessing as mp
 
 import train
 from data.toy import ToyData
+from data.toyworld import ToyWorld
 from model import Qwen3VL, Qwen3VLConfig
 from processor import Processor
 from tokenizer import Tokenizer
-from data.toyworld import ToyWorld
 
 SEQ_LEN = 256                                      # a multiple of 128 x cp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
