@@ -14,7 +14,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-__all__ = ["BlockMask", "attention", "block_mask"]
+__all__ = ["Attention", "BlockMask", "attention", "block_mask"]
 
 
 @functools.cache
@@ -27,6 +27,15 @@ def attention(q, k, v, mask):
     [B or 1, 1, S, S] -> [B, nh, S, hd]."""
     run = _compiled(flex_attention) if q.is_cuda else flex_attention
     return run(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(torch.nn.Module):
+    """`attention` as a module (no parameters): the unit torch's context parallelism wraps. Under train.py --cp a
+    forward pre-hook (torch.distributed.tensor.experimental._context_parallel._ContextParallel, FLEX) all-gathers the
+    keys and values of every rank's part of the row, and the block mask is the one for this rank's queries."""
+
+    def forward(self, q, k, v, mask):
+        return attention(q, k, v, mask)
 
 
 def block_mask(mask_mod, batch, length, device):

@@ -21,6 +21,7 @@ Forward pass flow (Qwen3VL.forward)
         tokens scattered into x at placeholder positions; deepstack scattered into zero tensors [B, S, H]
     rope_index(input_ids, grids) ──> 3-D positions [3, B, S] ──mrope_cos_sin──> cos, sin
     attention mask: dense [B, 1, S, K] (SDPA), or for packed training rows on the GPU a block mask (FlexAttention)
+    context parallelism (train.py --cp): each rank keeps its positions of x, deepstack, cos, sin and the targets
     for layer l: x = DecoderLayer_l(x);  if l < 3: x = x + deepstack[l]
     logits = lm_head(norm(x))  [B, S, V] (or norm(x) itself: return_hidden);  loss = cross-entropy of next-token
         labels (optional), head and cross-entropy chunk by chunk (chunked_cross_entropy)
@@ -75,6 +76,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)    # one weight shared by all heads
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (decoding)
+        self.flex = flex.Attention()                                # FlexAttention as a module (context parallelism)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prompt=False):
         """x [B, S, H]; mask: None (causal), a bool [B or 1, 1, S, K] (True = attend; SDPA) or a flex.BlockMask
@@ -98,7 +100,7 @@ class Attention(nn.Module):
                 k, v = cached
         if isinstance(mask, flex.BlockMask):  # packed rows on the GPU: only the blocks of keys the mask keeps
             # q, k in v's dtype: q_norm's fp32 weight promotes them under autocast (SDPA casts likewise)
-            y = flex.attention(q.to(v.dtype), k.to(v.dtype), v, mask)                       # [B, nh, S, hd]
+            y = self.flex(q.to(v.dtype), k.to(v.dtype), v, mask)                            # [B, nh, S, hd]
             return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
         gqa = self.n_kv != self.n_heads
         if gqa and mask is not None and S > 1:  # the fused kernels that take a mask do not take grouped kv heads:
@@ -521,7 +523,7 @@ class Qwen3VL(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, labels=None, position_ids=None, kv_cache=None,
                 aux_loss=False, document_ids=None, run_vision=False, return_hidden=False, loss_weights=None,
-                loss_reduction="mean", check_finite=True, video_second_per_grid=None):
+                loss_reduction="mean", check_finite=True, video_second_per_grid=None, context_parallel=None):
         """
         input_ids [B, S]; attention_mask [B, S], 1 = real token, left padding (with a kv_cache: [B, past + S] or
         [B, max_len]); pixel_values [N, 1536] + image_grid_thw [n, 3]; pixel_values_videos + video_grid_thw likewise;
@@ -539,6 +541,11 @@ class Qwen3VL(nn.Module):
         Returns logits [B, S, V] (return_hidden=True: the final normed hidden states [B, S, H] instead, what the head
         reads, so that no logits are made) and the loss (None without labels).
         attn_impl (self.attn_impl): see __init__; document_ids with "flex" give a block mask instead of [B, 1, S, S].
+        context_parallel (train.py --cp): this rank's part of every row, an object with `positions(S)` -> [S / cp]
+        (the row positions whose queries this rank computes) and `shard_mask(block_mask)` (the BlockMask of those
+        queries against the whole row). The embedding (ViT included), positions and targets are made for the whole row, then
+        only this rank's positions go through the decoder, under FlexAttention; hidden states, logits and the loss
+        (use loss_reduction="sum") are this rank's part.
         The inputs are checked first (check_inputs: TypeError / ValueError): their shapes on every call, their values
         (ids in range, grids against pixels, finite pixels unless check_finite=False) unless decoding from a cache.
         After the call, `self.router_logits` holds the router logits [B*S, E] of every sparse layer (an empty tuple
@@ -574,10 +581,15 @@ class Qwen3VL(nn.Module):
             raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flex', not {impl!r}")
         if impl == "auto":
             impl = "flex" if x.is_cuda and document_ids is not None and kv_cache is None else "sdpa"
-        if impl == "flex":
+        if impl == "flex" or context_parallel is not None:
             if kv_cache is not None:
-                raise ValueError("attn_impl='flex' runs whole sequences (training, scoring); decode with 'sdpa'")
+                raise ValueError("attn_impl='flex' and context_parallel run whole sequences (training, scoring); "
+                                 "decode with 'sdpa'")
             mask = packed_block_mask(document_ids, attention_mask, S, x.device)
+            if context_parallel is not None:      # this rank's queries only; keys and values are gathered (flex.py)
+                mask, keep = context_parallel.shard_mask(mask), context_parallel.positions(S)     # keep [S / cp]
+                x, cos, sin = x[:, keep], cos[:, keep], sin[:, keep]                              # [B, S / cp, ...]
+                deepstack = None if deepstack is None else [d[:, keep] for d in deepstack]
         # otherwise a dense attention mask [B, 1, S, K]: causal (which also hides the cache slots not yet written) and
         # not padding; every query keeps its own key so that the rows of padding tokens never become all -inf (which
         # would turn them, and through v, others, into NaN). With a cache, attention_mask covers slots 0 .. past+S-1
@@ -611,6 +623,9 @@ class Qwen3VL(nn.Module):
         if labels is not None:      # position s predicts token s + 1: targets are the labels shifted left by one
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)                             # [B, S]
             weights = None if loss_weights is None else F.pad(loss_weights[:, 1:], (0, 1))  # [B, S]
+            if context_parallel is not None:          # shifted on the whole row, then this rank's part
+                targets = targets[:, keep]                                                 # [B, S / cp]
+                weights = None if weights is None else weights[:, keep]
             loss = chunked_cross_entropy(x, self.lm_head.weight, targets, weights, reduction=loss_reduction)
             if aux_loss and router_logits:     # MoE: + coef x Switch load-balancing loss (moe.py)
                 loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(router_logits, cfg.num_experts_per_tok,

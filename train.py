@@ -7,6 +7,7 @@ data behind the interface of data/__init__.py.
     python train.py --init_from Qwen3-VL-2B-Instruct --data my.jsonl --eval_data held_out.jsonl --stages sft:500
     python train.py --preset toy-cpu --data my.jsonl --stages pretrain:2000,sft:500     # from scratch, your data
     torchrun --nproc_per_node 8 train.py --preset qwen3-vl-8b --activation_checkpointing ...   # FSDP2, one node
+    torchrun --nproc_per_node 8 train.py --cp 4 --seq_len 65536 ...   # rows split over 4 GPUs, 2 rows at a time
     python train.py --plan --preset qwen3-vl-8b --seq_len 4096 --batch_size 1 --n_gpus 2     # memory/FLOPs plan
 
 Stages (`--stages name:steps,...`, run in order), the paper's:
@@ -27,6 +28,8 @@ own, at --sft_lr_ratio x --lr), global-norm clipping, bf16 autocast (one GPU) or
 gradient reduction (torchrun), gradient accumulation. The loss of a step is the mean over all its target tokens
 (or, with --loss_weighting sqrt, each sample's tokens weighted by 1/sqrt(its token count)), across micro-steps and
 ranks, so it does not depend on how it is split.
+Long rows (--cp N): each row's sequence is split over N ranks by torch's own context parallelism (ContextParallel);
+the ranks are FSDP x CP, the loss is still the mean over all target tokens, as in one process.
 Checkpoints: out_dir/ckpt-<step>/ holds the model and optimizer as a sharded torch.distributed.checkpoint
 (resumable on any number of ranks), the step, the RNG states, the run settings, the tokenizer and the image budgets;
 it is written under a temporary name and then renamed, and out_dir/latest is replaced atomically, so a kill during
@@ -51,7 +54,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor.experimental._context_parallel import (_context_parallel_shard, _ContextParallel,
+                                                                     _HeadTailLoadBalancer)
+from torch.distributed.tensor.parallel import parallelize_module
 
+import flex
 from data import BadSample, open_data
 from eval import evaluate, report
 from config import PRESETS, Qwen3VLConfig, flat_arch, get_field, parse_arch, read_hf_config, write_json
@@ -140,6 +147,8 @@ def get_parser():
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="compute dtype (auto: bf16 on cuda)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--cp", type=int, default=1, help="context parallelism: split each row's sequence over this many "
+                   "ranks (torchrun, CUDA; --seq_len a multiple of 128 x cp)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--export_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the final Hugging Face export (bfloat16: half the size, as released checkpoints)")
@@ -158,7 +167,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 AT_LEAST = dict(batch_size=1, seq_len=8, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0, test_samples=0,
                 max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1, image_size=96,
-                min_pixels=0, max_pixels=0)
+                min_pixels=0, max_pixels=0, cp=1)
 
 
 def parse_args(argv=None):
@@ -191,6 +200,9 @@ def parse_args(argv=None):
                          + (" (> 0)" if name == "lr" else ""))
     if not 0 < args.beta2 < 1:
         parser.error(f"--beta2 {args.beta2}: must be in (0, 1)")
+    if args.cp > 1 and args.seq_len % (128 * args.cp):
+        parser.error(f"--seq_len {args.seq_len}: with --cp {args.cp} must be a multiple of 128 x {args.cp} (torch's "
+                     "context-parallel block mask takes whole blocks of 128 queries on every rank)")
     if args.preset == "all" and not args.plan:
         parser.error("--preset all: only with --plan (a run trains one size)")
     try:
@@ -364,6 +376,40 @@ def shard(model, mesh, activation_checkpointing):
     for layer in model.language_model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+class ContextParallel:
+    """
+    Context parallelism (--cp N) with torch's own implementation (torch.distributed.tensor.experimental.
+    _context_parallel): keys and values all-gathered, as in "The Llama 3 Herd of Models" (2024, §3.3.2), rather than
+    passed round a ring. The N ranks of a group hold the same rows; each computes
+    the queries of 1/N of every row's positions, chosen by torch's head-tail load balancer (rank i takes chunks i and
+    2N-1-i of 2N, so that every rank has as much causal work), against the keys and values of the whole row: a hook
+    on each decoder layer's flex.Attention all-gathers them, and its backward reduce-scatters their gradients. The
+    block mask of a rank's queries is torch's rewrite of the row's mask (causal, within each packed document).
+    Everything before the decoder (token embeddings, the ViT over the row's images, DeepStack features, 3-D positions,
+    shifted targets) is computed for the whole row on each of the N ranks, which then keeps its positions
+    (Qwen3VL.forward's context_parallel).
+    """
+
+    def __init__(self, model, mesh):
+        self.mesh = mesh
+        style = _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.FLEX)
+        for module in model.language_model.modules():
+            if isinstance(module, flex.Attention):
+                parallelize_module(module, mesh, style)
+
+    def _shard(self, x, dim, S):
+        balancer = _HeadTailLoadBalancer(S, self.mesh.size(), self.mesh.device_type)
+        return _context_parallel_shard(self.mesh, [x], [dim], balancer)[0]
+
+    def positions(self, S):
+        """The positions of a row of S whose queries this rank computes: [S / N] (two chunks of S / 2N)."""
+        return self._shard(torch.arange(S, device=self.mesh.device_type)[None], 1, S)[0]
+
+    def shard_mask(self, mask):
+        """The row's BlockMask [B, 1, S, S] -> that of this rank's queries against the whole row [B, 1, S / N, S]."""
+        return self._shard(mask, 2, mask.seq_lengths[0])
 
 
 @torch.no_grad()
@@ -869,11 +915,13 @@ def logged_metrics(out_dir, step):
 
 
 class Run:
-    """Where the run computes: rank, number of ranks, device, compute dtype, autocast, the FSDP mesh."""
+    """Where the run computes: rank, number of ranks, device, compute dtype, autocast, the FSDP mesh (all ranks) and
+    with --cp N the context-parallel mesh (N consecutive ranks share rows: data-parallel rank dp_rank of dp_size) and
+    the ContextParallel that build_model makes on it (cp; None without --cp)."""
 
     def __init__(self, args):
         self.distributed = "RANK" in os.environ
-        self.mesh = None
+        self.mesh = self.cp_mesh = self.cp = None
         if self.distributed:
             use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
             dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -887,6 +935,12 @@ class Run:
             self.rank, self.world_size = 0, 1
             self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                        "cpu" if args.device == "auto" else args.device)
+        check_cp(args.cp, self.world_size, self.device)
+        if args.cp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            self.cp_mesh = init_device_mesh(self.device.type, (self.world_size // args.cp, args.cp),
+                                            mesh_dim_names=("dp", "cp"))["cp"]
+        self.dp_rank, self.dp_size = self.rank // args.cp, self.world_size // args.cp
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
         # FSDP casts parameters itself; a single device uses autocast
@@ -896,6 +950,16 @@ class Run:
     def say(self, *a, **k):
         if self.rank == 0:
             print(*a, **k)
+
+
+def check_cp(cp, world_size, device):
+    """--cp's conditions on the ranks: a divisor of their number, on GPUs."""
+    if cp > 1 and world_size % cp:
+        raise ValueError(f"--cp {cp}: must divide the number of ranks, {world_size} (torchrun --nproc_per_node "
+                         f"a multiple of {cp})")
+    if cp > 1 and device.type != "cuda":
+        raise ValueError(f"--cp {cp}: context parallelism runs the decoder's attention as FlexAttention, whose "
+                         f"backward torch {torch.__version__.split('+')[0]} computes only on CUDA, not {device.type}")
 
 
 def open_datasets(args):
@@ -967,6 +1031,8 @@ def build_model(args, cfg, start, resume, run):
         model = Qwen3VL(cfg)
     if run.distributed:
         shard(model, run.mesh, args.activation_checkpointing)
+    if run.cp_mesh is not None:
+        run.cp = ContextParallel(model, run.cp_mesh)
     model.to_empty(device=run.device)
     if cfg.tie_word_embeddings and not run.distributed:
         model.lm_head.weight = model.language_model.embed_tokens.weight
@@ -986,7 +1052,8 @@ def build_model(args, cfg, start, resume, run):
     n_vit = sum(p.numel() for p in model.visual.parameters())
     run.say(f"model: {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} LLM + {cfg.vision.depth} x "
             f"{cfg.vision.hidden_size} ViT, {model.num_params():,} parameters ({n_vit:,} in the ViT); "
-            f"{run.world_size} x {run.device.type}, compute {run.dtype}{', FSDP2' if run.distributed else ''}")
+            f"{run.world_size} x {run.device.type}, compute {run.dtype}{', FSDP2' if run.distributed else ''}"
+            f"{f', context parallel {args.cp}' if run.cp else ''}")
     return model
 
 
@@ -1007,7 +1074,7 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)
     train_model = torch.compile(model) if args.compile else model
-    data = MicroBatches(packer, args, run.rank, run.world_size)
+    data = MicroBatches(packer, args, run.dp_rank, run.dp_size)          # the ranks of a CP group share rows
     loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.data_workers,
                                               sampler=range(step * args.grad_accum, len(data)),
                                               prefetch_factor=4 if args.data_workers else None))
@@ -1048,7 +1115,7 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
             group["lr"] = lr * group["lr_mult"]
         t0 = time.time()
         seq_len = args.seq_len * base["seq_mult"]
-        rows_per_step = args.batch_size * args.grad_accum * run.world_size
+        rows_per_step = args.batch_size * args.grad_accum * run.dp_size
         micro = [next(loader) for _ in range(args.grad_accum)]          # this rank's micro-batches of the step
         skipped += sum(b.pop("skipped") for b in micro)
         # the step's loss is the mean over all its target tokens (weighted: a weighted mean), on every rank and
@@ -1056,17 +1123,19 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
         norm = torch.tensor(float(sum(target_weight(b) for b in micro)), device=device)
         if run.distributed:
             dist.all_reduce(norm)
+            norm = norm / args.cp                                       # each row was counted by its N CP ranks
         loss_sum = torch.zeros((), device=device)
         for b in micro:
             b = {k: v.to(device) for k, v in b.items() if v is not None}
             labels, real, weights = b.pop("labels"), b.pop("real"), b.pop("weights", None)
             with run.autocast:                 # the summed (weighted) loss, chunk by chunk: no [B, S, V] logits
                 _, loss = train_model(**b, labels=labels, loss_weights=weights, loss_reduction="sum",
-                                      return_hidden=True, run_vision=run.distributed)
+                                      return_hidden=True, run_vision=run.distributed, context_parallel=run.cp)
             loss = loss / norm
             if cfg.text.num_experts:           # MoE: + coef x Switch load-balancing loss of this micro-step
                 loss = loss + cfg.text.router_aux_loss_coef / args.grad_accum * load_balancing_loss(
-                    model.router_logits, cfg.text.num_experts_per_tok, real)
+                    model.router_logits, cfg.text.num_experts_per_tok,
+                    real if run.cp is None else real[:, run.cp.positions(seq_len)])
             (loss * run.world_size).backward()  # FSDP averages gradients over ranks: undo it, the loss is global
             loss_sum += loss.detach()
         if run.distributed:
