@@ -65,8 +65,8 @@ STUDIES = {
                    "spatial grounding than text-only (1-D) positions.",
         paper="Qwen3-VL report: interleaved MRoPE spreads t, h, w over the full frequency spectrum (the chunked "
               "layout of Qwen2-VL does not), for long-video understanding; interleaved is better.",
-        better="interleaved", variants={v: ["--arch", f"text.mrope_layout={v}"] for v in ("interleaved", "chunked",
-                                                                                          "text")},
+        better="interleaved",
+        variants={v: ["--arch", f"text.mrope_layout={v}"] for v in ("interleaved", "chunked", "text")},
         stages=(("align", 0.15), ("study-video", 0.85)), steps=150, gpu_steps=1500,
         tasks=("vground", "vground-long", "needle", "needle-long", "bbox"),
         key=("vground-long", "needle-long", "bbox")),
@@ -75,7 +75,8 @@ STUDIES = {
                    "position ids (T-RoPE) or no time at all, most of all in videos longer than the training ones.",
         paper="Qwen3-VL report: textual timestamps replace Qwen2.5-VL's time-aligned T-RoPE for more precise "
               "temporal grounding; timestamps is better.",
-        better="timestamps", variants={v: ["--arch", f"video_time={v}"] for v in ("timestamps", "trope", "none")},
+        better="timestamps",
+        variants={v: ["--arch", f"video_time={v}"] for v in ("timestamps", "trope", "none")},
         stages=(("align", 0.15), ("study-video", 0.85)), steps=150, gpu_steps=1500,
         tasks=("vground", "vground-long", "video"), key=("vground", "vground-long", "video")),
     # the runner's own check (tests/test_ablate.py): two learning rates, a few steps
@@ -172,6 +173,8 @@ def collect(study, todo):
         with open(path) as f:
             scores = json.load(f)
         for task in study.tasks:
+            if task not in scores:
+                raise ValueError(f"{path}: no score of {task!r}; delete the file to run it again")
             table.setdefault(variant, {}).setdefault(task, []).append(scores[task]["score"])
             chance[task] = scores[task]["chance"]
     table = {v: {t: dict(zip(("mean", "sd", "n"), mean_sd(xs)), scores=xs) for t, xs in by_task.items()}

@@ -66,7 +66,7 @@ class ToyData:
     splits = True
 
     def __init__(self, seed=0, split="train", image_size=96, tasks=None):
-        self.world, self.split, self.tasks = ToyWorld(seed=seed, image_size=image_size), split, tasks
+        self.world, self.split, self.eval_tasks = ToyWorld(seed=seed, image_size=image_size), split, tasks
         # images of image_size^2 pixels come out at that size: 9 visual tokens for 96 x 96
         self.budgets = dict(min_pixels=image_size ** 2 // 2, max_pixels=image_size ** 2 * 4)
 
@@ -78,7 +78,7 @@ class ToyData:
         if not n:
             raise ValueError("the toy world has no end: evaluate a number of samples per task (--eval_samples, "
                              "--test_samples >= 1)")
-        tasks = [t for t in TASKS if (t in self.tasks if self.tasks else t not in STUDY)]
+        tasks = [t for t in TASKS if (t in self.eval_tasks if self.eval_tasks else t not in STUDY)]
         return [dict(s, prompt=s["messages"][:1], origin=f"toy world {self.split} #{i}")
                 for task in tasks for i in range(n) for s in [self.world.sample(self.split, i, task=task)]]
 

@@ -1,6 +1,7 @@
 """Tests of ablate.py: the table's numbers, the verdicts, resuming, errors (with a fake train.py that writes known
 scores), and the smoke study end to end through the real train.py."""
 import json
+import os
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ import json, os, sys
 argv = sys.argv[1:]
 flag = lambda name: argv[argv.index(name) + 1] if name in argv else None
 with open(os.environ["CALLS"], "a") as f:
-    f.write(json.dumps(argv) + "\\n")
+    f.write(json.dumps(argv + ["threads=" + os.environ["OMP_NUM_THREADS"]]) + "\\n")
 seed, out = int(flag("--seed")), flag("--out_dir")
 if str(seed) == os.environ.get("FAIL_SEED"):
     sys.exit(3)
@@ -51,13 +52,15 @@ def test_mean_sd_by_hand():
 def test_table_and_verdict_from_the_runs(tmp_path, fake):
     out, log = tmp_path / "smoke", tmp_path / "LOG.md"
     log.write_text("# Development log\n\nIntro.\n\n## 2026-01-01: an older entry\n\nText.\n")
-    r = ablate.main(["smoke", "--seeds", "3", "--jobs", "2", "--out_dir", str(out), "--log", str(log)], train_cmd=fake)
+    argv = ["smoke", "--seeds", "3", "--jobs", "2", "--out_dir", str(out), "--log", str(log)]
+    r = ablate.main(argv, train_cmd=fake)
     high, low = r["variants"]["lr-high"]["detail"], r["variants"]["lr-low"]["detail"]
     assert (high["mean"], high["sd"], high["n"]) == (pytest.approx(0.6), pytest.approx(0.1), 3)
     assert (low["mean"], low["sd"], low["n"]) == (pytest.approx(0.25), pytest.approx(0.05), 3)
     assert sorted(high["scores"]) == pytest.approx([0.5, 0.6, 0.7])
-    assert r["variants"]["lr-low"]["caption"]["sd"] == pytest.approx(0, abs=1e-12) and r["chance"]["detail"] == pytest.approx(1 / 3)
-    # difference 0.35, standard error sqrt(0.01 / 3 + 0.0025 / 3) = 0.065; beyond one pooled sd, sqrt(0.0125 / 2) = 0.079
+    assert r["variants"]["lr-low"]["caption"]["sd"] == pytest.approx(0, abs=1e-12)
+    assert r["chance"]["detail"] == pytest.approx(1 / 3)
+    # difference 0.35, standard error sqrt(0.01 / 3 + 0.0025 / 3) = 0.065; over one pooled sd, sqrt(0.0125 / 2)
     assert r["verdicts"] == ["lr-high is better than lr-low on detail by 0.35 ± 0.06 (3 seeds): agrees with the paper"]
     md = (out / "results.md").read_text()
     assert "| lr-high | 0.40 ± 0.00 (3) | 0.60 ± 0.10 (3) |" in md and "| chance | 0.17 | 0.33 |" in md
@@ -73,7 +76,7 @@ def test_table_and_verdict_from_the_runs(tmp_path, fake):
         (lr, str(s), str(out / v / f"seed{s}")) for v, lr in (("lr-high", "1e-3"), ("lr-low", "3e-4"))
         for s in range(3)}
     assert all("--stages" in a and a[a.index("--eval_tasks") + 1] == "caption,detail" and "--resume" not in a
-               for a in runs)
+               and a[-1] == f"threads={max(1, os.cpu_count() // 2)}" for a in runs)
 
 
 def test_verdicts_say_within_noise_and_disagree():
@@ -133,6 +136,7 @@ def test_smoke_study_end_to_end(tmp_path):
         assert set(scores) == {"caption", "detail"} and scores["detail"]["n"] == 2
         assert r["variants"][v]["detail"]["n"] == 1 and 0 <= r["variants"][v]["detail"]["mean"] <= 1
         assert "test (2 per task)" in (out / v / "seed0" / "train.log").read_text()
-    assert (out / "results.png").stat().st_size > 1000 and "| chance | 0.17 | 0.33 |" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 1000
+    assert "| chance | 0.17 | 0.33 |" in (out / "results.md").read_text()
     assert "no verdict" in r["verdicts"][0] and "ablation `smoke`" in log.read_text()
     assert json.loads((out / "results.json").read_text())["variants"] == r["variants"]

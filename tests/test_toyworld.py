@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 
+from data import open_data
 from data.toy import MIXES, STAGES, ToyData
 from data.toyworld import (ALL, BACKGROUND, CELL, COLOR_NAMES, COLORS, EVENT_STRIDE, MARK, NEEDLE_FRAMES, PLURAL,
                            SHAPES, SPLITS, STUDY, TASKS, VGROUND_FRAMES, VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld,
@@ -497,6 +498,12 @@ def test_study_tasks_stay_out_of_the_toy_run(world):
     assert {s["task"] for s in ToyData(split="val").eval_samples(1)} == set(TASKS) - set(STUDY)
     assert {s["task"] for s in ToyData(split="val", tasks=["detail", "count"]).eval_samples(1)} == {"detail", "count"}
     assert all(STAGES[name][0] == "pretrain" for name in MIXES if name.startswith("study-"))
+    # train.py --eval_tasks: open_data keeps the named tasks, studies' tasks included, and names an unknown one
+    held_out = open_data("toy", "val", tasks=["vground-long", "ocr"])
+    assert {s["task"] for s in held_out.eval_samples(1)} == {"vground-long", "ocr"}
+    assert set(held_out.chance) == {"vground-long", "ocr"}
+    with pytest.raises(ValueError, match="unknown \\['detial'\\]"):
+        open_data("toy", "val", tasks=["detial"])
 
 
 def test_detail_shows_three_alike_objects_and_one_hole(world):
