@@ -140,3 +140,22 @@ def test_smoke_study_end_to_end(tmp_path):
     assert "| chance | 0.17 | 0.33 |" in (out / "results.md").read_text()
     assert "no verdict" in r["verdicts"][0] and "ablation `smoke`" in log.read_text()
     assert json.loads((out / "results.json").read_text())["variants"] == r["variants"]
+
+
+def test_study_samples_fit_the_recipe_rows():
+    """The studies train with the toy recipe's rows (192 tokens on the CPU): every training task of their mixes has
+    samples that fit one, with the tokenizer train.py trains (the study tasks' words are not in its corpus)."""
+    from data.toy import MIXES, SETTINGS, ToyData
+    from processor import Processor
+    from tokenizer import Tokenizer
+    data = ToyData(seed=0)
+    tok = Tokenizer.train((f"user\n{t}\nassistant\n" for t in data.text_corpus(4000)), SETTINGS["vocab_size"])
+    processor = Processor(tok, **data.budgets)
+    tasks = {t for name in ("study-deepstack", "study-video") for t in MIXES[name]}
+    assert {"detail", "vground", "needle"} <= tasks
+    for task in sorted(tasks):
+        for i in range(4):
+            n = processor([data.world.sample("train", i, task=task)["messages"]])["input_ids"].shape[1]
+            assert n <= SETTINGS["seq_len"], (task, i, n)
+    long = processor([data.world.sample("test", 0, task="needle-long")["messages"]])["input_ids"].shape[1]
+    assert long > 3 * SETTINGS["seq_len"]  # evaluated only: a test sample is not packed into a row
