@@ -136,8 +136,8 @@ def run_all(todo, train_cmd, jobs, gpus, say):
             resume = ["--resume"] if os.path.isfile(os.path.join(out_dir, "latest")) else []
             t0 = time.time()
             with open(os.path.join(out_dir, "train.log"), "a") as log:
-                rc = subprocess.run(train_cmd + flags + ["--out_dir", out_dir] + resume, cwd=ROOT, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT).returncode
+                rc = subprocess.run(train_cmd + flags + ["--out_dir", out_dir] + resume, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
             if rc:
                 failed.append(out_dir)
             say(f"{variant}/seed{seed}: {'resumed, ' if resume else ''}"
@@ -274,15 +274,16 @@ def add_to_log(path, entry):
 
 
 def main(argv=None, train_cmd=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="one of " + ", ".join(STUDIES))
     p.add_argument("--seeds", type=int, default=None, help="runs per variant, seeds 0..N-1 (default: 3; --gpu 4)")
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the cores; --gpu: the GPUs)")
-    p.add_argument("--steps", type=int, default=0, help="training steps of every run (0: the study's)")
-    p.add_argument("--gpu", action="store_true", help="the toy-gpu preset, one GPU per run, the study's GPU steps")
+    p.add_argument("--steps", type=int, default=0, help="training steps of every run (default: the study's)")
+    p.add_argument("--gpu", action="store_true", help="the toy-gpu preset and the study's GPU steps; each run on "
+                   "one GPU, round robin (--jobs above the GPUs share them)")
     p.add_argument("--out_dir", default="", help="default: out/ablate/<study> (out/ablate-gpu/<study> with --gpu)")
-    p.add_argument("--log", default=os.path.join(ROOT, "dev", "LOG.md"), help="the log the entry goes to ('': none)")
+    p.add_argument("--log", default=os.path.join(ROOT, "dev", "LOG.md"), help="the log the entry goes to (default: "
+                   "dev/LOG.md; '': none)")
     p.add_argument("--dry_run", action="store_true", help="print the runs' train.py commands and stop")
     args = p.parse_args(argv)
     if args.study not in STUDIES:

@@ -48,9 +48,9 @@ STAGES = {
     # text-only questions at SFT's loss: the data of distill.py (the paper distils on text-only data), and of an SFT
     # baseline to compare it with (python train.py --stages text:N)
     "text": ("sft", {"text": 1.0, "lookup": 1.0}),
-    # The design studies of ablate.py, each after a short `align`. Their tasks beside captions (the names the
-    # answers use) and one task the model already knows how to learn of the same input, so that a variant that
-    # breaks the input shows on it too.
+    # The mixes of ablate.py's studies, each after a short `align`: the study's tasks, with captions (they teach the
+    # object names the answers use) and tasks of the same input that the toy run learns (attributes and words;
+    # boxes and event times), so that a variant that breaks its input shows there too.
     "study-deepstack": ("pretrain", {"caption": 1.0, "attribute": 1.0, "ocr": 1.0, "detail": 3.0}),
     "study-video": ("pretrain", {"caption": 1.0, "bbox": 1.0, "video": 1.0, "vground": 3.0, "needle": 2.0}),
 }
