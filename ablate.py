@@ -222,7 +222,7 @@ def markdown(study, table, chance):
     return "\n".join(lines)
 
 
-def plot(study, table, chance, path):
+def plot(name, study, table, chance, path):
     """Bars per task, one per variant, with sd error bars; chance as a dashed line over each task's bars."""
     import matplotlib
     matplotlib.use("Agg")
@@ -241,7 +241,7 @@ def plot(study, table, chance, path):
     ax.set_ylabel("test score (mean ± sd over seeds)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("dashed: chance", fontsize=9)
+    ax.set_title(f"{name}: {' vs '.join(variants)} (dashed: chance)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -322,7 +322,7 @@ def main(argv=None, train_cmd=None):
         json.dump(results, f, indent=2)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write(f"# {args.study}\n\n{study.hypothesis}\n\n{table_md}\n\n" + "\n".join(f"- {x}" for x in lines) + "\n")
-    plot(study, table, chance, os.path.join(args.out_dir, "results.png"))
+    plot(args.study, study, table, chance, os.path.join(args.out_dir, "results.png"))
     print(f"\n{table_md}\n\n" + "\n".join(lines))
     if args.log:
         add_to_log(args.log, log_entry(study, args, command, table_md, lines))
