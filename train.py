@@ -133,6 +133,8 @@ def get_parser():
     p.add_argument("--eval_samples", type=int, default=50, help="evaluation samples per task during training (0: "
                    "no evaluation, checkpoints only)")
     p.add_argument("--test_samples", type=int, default=0, help="samples per task at the end (0: all of a file)")
+    p.add_argument("--eval_tasks", default="", help="tasks scored in evaluation and at the end, comma-separated "
+                   "(default: all of the data's; the toy world's: the toy run's, not the studies' of ablate.py)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest answer generated in evaluation")
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--out_dir", default="out/run")
@@ -971,8 +973,11 @@ def open_datasets(args):
     own = args.data if data.splits else ""          # a generator with splits (the toy world) scores its own val/test
     eval_spec = args.eval_data or own
     test_spec = args.test_data or (own if not args.eval_data else eval_spec)
-    eval_data = open_data(eval_spec, "val", args.seed, args.image_size, strict=False) if eval_spec else None
-    test_data = open_data(test_spec, "test", args.seed, args.image_size, strict=False) if test_spec else None
+    tasks = args.eval_tasks.split(",") if args.eval_tasks else None
+    eval_data = (open_data(eval_spec, "val", args.seed, args.image_size, strict=False, tasks=tasks)
+                 if eval_spec else None)
+    test_data = (open_data(test_spec, "test", args.seed, args.image_size, strict=False, tasks=tasks)
+                 if test_spec else None)
     return data, eval_data, test_data
 
 

@@ -103,15 +103,17 @@ def parse_data(spec):
     return parts
 
 
-def open_data(spec, split="train", seed=0, image_size=96, strict=True, skip_bad=False):
+def open_data(spec, split="train", seed=0, image_size=96, strict=True, skip_bad=False, tasks=None):
     """The dataset a --data string names: JSONL files and 'toy' (the toy world's `split`), with weights. A file
-    is one split (train.py's --data and --eval_data are separate files); it is checked line by line first."""
+    is one split (train.py's --data and --eval_data are separate files); it is checked line by line first.
+    `tasks` (names): keep only these tasks (the toy world evaluates its studies' tasks only when named)."""
     from data.jsonl import JsonlDataset
     from data.toy import ToyData
 
     def one(path):
         if path == "toy":
-            return ToyData(seed=seed, split=split, image_size=image_size)
+            return ToyData(seed=seed, split=split, image_size=image_size, tasks=tasks)
         return JsonlDataset(path, seed=seed, require_assistant=strict, skip_bad=skip_bad)
     parts = [(one(path), w) for path, w in parse_data(spec)]
-    return parts[0][0] if len(parts) == 1 else Mixture(parts, seed)
+    data = parts[0][0] if len(parts) == 1 else Mixture(parts, seed)
+    return Tasks(data, tasks) if tasks else data

@@ -4,7 +4,7 @@ about 15 minutes. train.py takes these settings when --data is `toy` (its defaul
 Everywhere else its defaults are the paper's and the checkpoints'. One line of why per value here; what was
 measured to choose them is in dev/LOG.md.
 """
-from data.toyworld import ALL, TASKS, ToyWorld
+from data.toyworld import ALL, STUDY, TASKS, ToyWorld
 
 SETTINGS = dict(
     preset="toy-cpu",               # 3.6 M parameters: minutes per thousand steps on two cores
@@ -48,19 +48,25 @@ STAGES = {
     # text-only questions at SFT's loss: the data of distill.py (the paper distils on text-only data), and of an SFT
     # baseline to compare it with (python train.py --stages text:N)
     "text": ("sft", {"text": 1.0, "lookup": 1.0}),
+    # The mixes of ablate.py's studies, each after a short `align`: the study's tasks, with captions (they teach the
+    # object names the answers use) and tasks of the same input that the toy run learns (attributes and words;
+    # boxes and event times), so that a variant that breaks its input shows there too.
+    "study-deepstack": ("pretrain", {"caption": 1.0, "attribute": 1.0, "ocr": 1.0, "detail": 3.0}),
+    "study-video": ("pretrain", {"caption": 1.0, "bbox": 1.0, "video": 1.0, "vground": 3.0, "needle": 2.0}),
 }
 MIXES = {name: mix for name, (_, mix) in STAGES.items()}
 
 
 class ToyData:
     """One split of the toy world behind the data interface (data/__init__.py): samples drawn from the stage's mix,
-    evaluation on n samples of every task, each task's own scorer and chance level."""
+    evaluation on n samples of every task (`tasks`; default: the toy run's, all but the studies'), each task's own
+    scorer and chance level."""
     stages = {name: base for name, (base, _) in STAGES.items()}
     chance = {name: task.chance for name, task in TASKS.items()}
     splits = True
 
-    def __init__(self, seed=0, split="train", image_size=96):
-        self.world, self.split = ToyWorld(seed=seed, image_size=image_size), split
+    def __init__(self, seed=0, split="train", image_size=96, tasks=None):
+        self.world, self.split, self.eval_tasks = ToyWorld(seed=seed, image_size=image_size), split, tasks
         # images of image_size^2 pixels come out at that size: 9 visual tokens for 96 x 96
         self.budgets = dict(min_pixels=image_size ** 2 // 2, max_pixels=image_size ** 2 * 4)
 
@@ -72,8 +78,9 @@ class ToyData:
         if not n:
             raise ValueError("the toy world has no end: evaluate a number of samples per task (--eval_samples, "
                              "--test_samples >= 1)")
+        tasks = [t for t in TASKS if (t in self.eval_tasks if self.eval_tasks else t not in STUDY)]
         return [dict(s, prompt=s["messages"][:1], origin=f"toy world {self.split} #{i}")
-                for task in TASKS for i in range(n) for s in [self.world.sample(self.split, i, task=task)]]
+                for task in tasks for i in range(n) for s in [self.world.sample(self.split, i, task=task)]]
 
     def score(self, sample, reply):
         return TASKS[sample["task"]].score(reply, sample)

@@ -23,6 +23,16 @@ answers. Yet every part of the model gets work:
     lookup     no image: "There is a red circle and a blue square. What color is the square?" -> the attribute reply
     text       no image: "What is 3 + 4?" -> "7"
 
+and the tasks of the design studies (ablate.py), which the toy run neither trains nor scores:
+
+    detail     three alike objects, one with a 4-px hole: "Which circle has a hole: the left, the middle or the right
+               one?" -> "The middle one."
+    vground    16 frames: "When is the red circle visible?" -> "<2.0 seconds> to <5.0 seconds>" (scored by temporal
+               IoU); vground-long: the same in 32 frames, longer than the training videos
+    needle     16 frames of one object wandering, but for one temporal patch where another stands in its place:
+               "Which object is shown for only one moment of the video?" -> "red circle"; needle-long: 64 frames;
+               needle_sample(world, split, index, frames, depth) puts it at a chosen depth
+
 Coordinates follow Qwen3-VL: integers in a [0, 1000] frame relative to the image, round(x / W * 1000).
 
 A sample is a pure function of (world seed, split, index): the same triple always gives the same
@@ -45,7 +55,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +63,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from eval import final_answer, first_number, json_list, score_bbox, score_exact, score_number
+from eval import final_answer, first_number, json_list, score_bbox, score_exact, score_number, score_tiou
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary
@@ -94,6 +104,12 @@ EVENT_STRIDE = 2  # frames between possible event times (= the temporal patch si
 SLOTS = VIDEO_FRAMES // EVENT_STRIDE  # 6 possible event times: 0.0, 1.0, ..., 5.0 seconds
 # A time is right when it is nearer the true event time than any other possible one: within 0.5 s.
 TIME_TOLERANCE = EVENT_STRIDE / VIDEO_FPS / 2
+
+# The studies' tasks (ablate.py): longer videos, and marks smaller than a patch. Trained on their own mixes only
+# (data/toy.py), never in the toy run's.
+MARK = 4  # side in pixels of the hole in one of the `detail` objects: a sixteenth of a 16-px patch
+VGROUND_FRAMES = 16  # `vground` videos, 8 s; `vground-long` tests on twice as many, longer than any it trained on
+NEEDLE_FRAMES = 16  # `needle` videos; `needle-long` tests on four times as many
 
 SPLITS = ("train", "val", "test")
 MAX_INDEX = 2**32  # each (seed, split) owns the seed range [k * 2**32, (k + 1) * 2**32)
@@ -152,6 +168,9 @@ def draw_scene(scene, size):
     draw = ImageDraw.Draw(img)
     for o in scene["objects"]:
         draw_shape(draw, o["shape"], o["x"], o["y"], o["d"], COLORS[o["color"]])
+        if "hole" in o:  # a detail task's mark: MARK x MARK background pixels inside the object
+            dx, dy = o["hole"]
+            draw.rectangle([o["x"] + dx, o["y"] + dy, o["x"] + dx + MARK - 1, o["y"] + dy + MARK - 1], fill=BACKGROUND)
     if scene["word"] is not None:
         w = scene["word"]
         draw.text((w["x"], w["y"]), w["text"], font=word_font(size), fill=TEXT_COLOR,
@@ -160,9 +179,10 @@ def draw_scene(scene, size):
 
 
 def draw_video(tracks, size):
-    """uint8 [T, size, size, 3] frames: each object is drawn where its track puts it (None: not visible)."""
+    """uint8 [T, size, size, 3] frames, T the length of the tracks' paths: each object is drawn where its track puts
+    it (None: not visible)."""
     frames = []
-    for f in range(VIDEO_FRAMES):
+    for f in range(len(tracks[0]["path"])):
         objects = [{**t, "x": t["path"][f][0], "y": t["path"][f][1]} for t in tracks if t["path"][f] is not None]
         frames.append(np.asarray(draw_scene({"objects": objects, "word": None}, size)))
     return np.stack(frames)
@@ -404,7 +424,6 @@ def make_video(rng, size):
     colors = rng.sample(COLOR_NAMES, n)
     objects = [new_object(rng, rng.choice(SHAPES), c) for c in colors]
     kind = rng.choice(["appear", "vanish"])
-    grid = size // CELL
     held = [set() for _ in range(SLOTS)]  # the cells taken in each slot
     tracks = []
     for i, o in enumerate(objects):
@@ -414,22 +433,7 @@ def make_video(rng, size):
         else:
             start = rng.randint(0, SLOTS - 2) if i == 0 else rng.randint(0, SLOTS - 1)
             end = rng.randint(start + 1, SLOTS)
-        cell = None
-        path = [None] * VIDEO_FRAMES  # (x, y) of the object in each frame, None while it is not there
-        for slot in range(start, end):
-            if cell is None:
-                options = [(cx, cy) for cx in range(grid) for cy in range(grid)]
-            else:
-                cx, cy = cell
-                options = [(cx + dx, cy + dy) for dx, dy in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
-                           if 0 <= cx + dx < grid and 0 <= cy + dy < grid]
-            options = [c for c in options if c not in held[slot]]  # never empty: 9 cells or more, 2 objects
-            cell = rng.choice(options)
-            held[slot].add(cell)
-            placed = place(rng, [dict(o)], size, region=(cell[0] * CELL, cell[1] * CELL,
-                                                          (cell[0] + 1) * CELL, (cell[1] + 1) * CELL))[0]
-            for f in range(slot * EVENT_STRIDE, (slot + 1) * EVENT_STRIDE):
-                path[f] = (placed["x"], placed["y"])
+        path = walk(rng, size, o, start, end, held, VIDEO_FRAMES)
         a, b = start * EVENT_STRIDE, end * EVENT_STRIDE  # first visible frame, first frame gone
         tracks.append({**o, "appear": a, "vanish": b, "path": path})
     target = tracks[0]
@@ -443,6 +447,31 @@ def make_video(rng, size):
         checks.append(f"{stamp:.1f} seconds: {'yes' if seen else 'no'}.")
     return dict(kind=kind, question=f"When does the {name(target)} {verb}?",
                 answer=f"<think>\n{' '.join(checks)}\n</think>\n\n{frame / VIDEO_FPS:.1f} seconds", tracks=tracks)
+
+
+def walk(rng, size, obj, start, end, held, frames):
+    """The path of an object visible from slot `start` to just before slot `end` (a slot: EVENT_STRIDE frames, one
+    temporal patch) in a video of `frames` frames: (x, y) in each frame, None while it is not there. It appears in a
+    random cell, then at every slot stays or steps to a neighbouring cell; never into a cell that `held` (a set of
+    cells per slot) gives to another object. Its cells are added to `held`."""
+    grid = size // CELL
+    cell = None
+    path = [None] * frames
+    for slot in range(start, end):
+        if cell is None:
+            options = [(cx, cy) for cx in range(grid) for cy in range(grid)]
+        else:
+            cx, cy = cell
+            options = [(cx + dx, cy + dy) for dx, dy in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+                       if 0 <= cx + dx < grid and 0 <= cy + dy < grid]
+        options = [c for c in options if c not in held[slot]]  # never empty for 3 objects: a corner has 3 options
+        cell = rng.choice(options)
+        held[slot].add(cell)
+        placed = place(rng, [dict(obj)], size, region=(cell[0] * CELL, cell[1] * CELL,
+                                                        (cell[0] + 1) * CELL, (cell[1] + 1) * CELL))[0]
+        for f in range(slot * EVENT_STRIDE, (slot + 1) * EVENT_STRIDE):
+            path[f] = (placed["x"], placed["y"])
+    return path
 
 
 def make_think(rng, size):
@@ -482,6 +511,89 @@ def make_text(rng, size):
     else:
         question, answer = f"What is the first letter of the word {word}?", word[0]
     return dict(kind=kind, question=question, answer=answer)
+
+
+# -----------------------------------------------------------------------------
+# The studies' tasks (ablate.py): each makes one design question of the paper measurable at toy scale.
+
+
+def make_detail(rng, size):
+    # Fine detail (for DeepStack, which feeds the LLM the ViT's lower layers): three objects alike in shape, colour
+    # and size, one in each of three columns; one has a MARK x MARK hole, a sixteenth of a patch. Nothing else tells
+    # them apart, so the answer needs the small mark, not the object's class.
+    shape, color, d = rng.choice(SHAPES), rng.choice(COLOR_NAMES), rng.randint(*OBJECT)
+    objects = []
+    for cx in sorted(rng.sample(range(size // CELL), 3)):
+        cy = rng.randrange(size // CELL)
+        region = (cx * CELL, cy * CELL, (cx + 1) * CELL, (cy + 1) * CELL)
+        objects += place(rng, [{"shape": shape, "color": color, "d": d}], size, region=region)
+    k = rng.randrange(3)
+    objects[k]["hole"] = hole_in(rng, objects[k])
+    question = f"Which {shape} has a hole: the left, the middle or the right one?"
+    return dict(kind="hole", question=question, answer=f"The {('left', 'middle', 'right')[k]} one.",
+                scenes=[scene(objects)])
+
+
+def hole_in(rng, obj):
+    """A random place (dx, dy) from the object's corner for a MARK x MARK hole with a pixel of the object all round
+    it, so the hole is closed and the outline unchanged."""
+    mask = object_mask({**obj, "x": 0, "y": 0}, obj["d"])
+    m = MARK + 2
+    options = [(dx, dy) for dy in range(obj["d"] - m + 1) for dx in range(obj["d"] - m + 1)
+               if mask[dy:dy + m, dx:dx + m].all()]
+    dx, dy = rng.choice(options)
+    return dx + 1, dy + 1
+
+
+def slots_of(frames):
+    """The number of temporal patches (slots) of a video of `frames` frames, checked."""
+    if not (isinstance(frames, int) and frames % EVENT_STRIDE == 0 and frames >= 2 * EVENT_STRIDE):
+        raise ValueError(f"frames={frames!r}: a video needs a multiple of {EVENT_STRIDE} frames (one temporal patch "
+                         f"each), at least {2 * EVENT_STRIDE}")
+    return frames // EVENT_STRIDE
+
+
+def make_vground(rng, size, frames=VGROUND_FRAMES):
+    # Temporal grounding (for textual timestamps and MRoPE): one to three objects of different colours, each visible
+    # over its own span (one slot to half the video) and moving as in make_video; the question asks for the span of
+    # the first, from its first visible frame to its first frame gone: "<2.0 seconds> to <5.0 seconds>".
+    # `frames` sets the length: evaluating longer videos than the training ones tests lengths beyond training.
+    slots = slots_of(frames)
+    objects = [new_object(rng, rng.choice(SHAPES), c) for c in rng.sample(COLOR_NAMES, rng.randint(1, 3))]
+    held = [set() for _ in range(slots)]
+    tracks = []
+    for o in objects:
+        length = rng.randint(1, slots // 2)  # up to half the video: no one span overlaps most spans
+        start = rng.randint(0, slots - length)
+        end = start + length
+        path = walk(rng, size, o, start, end, held, frames)
+        tracks.append({**o, "appear": start * EVENT_STRIDE, "vanish": end * EVENT_STRIDE, "path": path})
+    a, b = tracks[0]["appear"] / VIDEO_FPS, tracks[0]["vanish"] / VIDEO_FPS
+    return dict(kind="span", question=f"When is the {name(tracks[0])} visible?",
+                answer=f"<{a:.1f} seconds> to <{b:.1f} seconds>", tracks=tracks)
+
+
+def make_needle(rng, size, frames=NEEDLE_FRAMES, depth=None):
+    # A needle in a haystack (for long-context work): one object wanders from cell to cell through the whole video
+    # (the haystack), except in one slot, where an object of another shape and colour stands in its place (the
+    # needle, two frames: one temporal patch). The slot is at `depth` of the video (0: the first slot, 1: the last,
+    # rounded to a slot), random if None; the question asks which object that is. What is drawn does not depend on
+    # `depth`, so one index at every depth is the same haystack and needle with the needle moved.
+    slots = slots_of(frames)
+    if depth is not None and not 0 <= depth <= 1:
+        raise ValueError(f"depth={depth!r}: the needle's place in the video, from 0 (the first slot) to 1 (the last)")
+    hay_shape, needle_shape = rng.sample(SHAPES, 2)
+    hay_color, needle_color = rng.sample(COLOR_NAMES, 2)
+    hay = new_object(rng, hay_shape, hay_color)
+    needle = {**hay, "shape": needle_shape, "color": needle_color}  # of the same size, so it fits where hay was
+    drawn = rng.randrange(slots)
+    slot = drawn if depth is None else round(depth * (slots - 1))
+    path = walk(rng, size, hay, 0, slots, [set() for _ in range(slots)], frames)
+    frames_of_needle = range(slot * EVENT_STRIDE, (slot + 1) * EVENT_STRIDE)
+    tracks = [{**hay, "path": [None if f in frames_of_needle else p for f, p in enumerate(path)]},
+              {**needle, "path": [p if f in frames_of_needle else None for f, p in enumerate(path)]}]
+    return dict(kind="needle", question="Which object is shown for only one moment of the video?", answer=name(needle),
+                tracks=tracks, info={"slot": slot, "depth": slot / (slots - 1), "frames": frames})
 
 
 # -----------------------------------------------------------------------------
@@ -530,6 +642,11 @@ def score_point(prediction, sample):
 # scored on others (tests/test_toyworld.py re-estimates every value).
 
 
+# vground's chance: the mean tIoU of the best constant span (on a half-second grid, 4000 samples), a long span over
+# the middle of the video ([1, 6] s of 8 s; [3, 12] s of 16 s): it overlaps most spans a little.
+VGROUND_CHANCE, VGROUND_LONG_CHANCE = 0.36, 0.34
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -561,12 +678,20 @@ TASKS = {t.name: t for t in [
         + _majority([len(w) for w in WORDS])  # length
         + _majority([w[0] for w in WORDS])  # first letter
     ) / 4),
+    # the studies' tasks
+    Task("detail", make_detail, score_exact, chance=1 / 3),  # the holed object's column is uniform over three
+    Task("vground", make_vground, score_tiou, chance=VGROUND_CHANCE),
+    Task("vground-long", partial(make_vground, frames=2 * VGROUND_FRAMES), score_tiou, chance=VGROUND_LONG_CHANCE),
+    Task("needle", make_needle, score_exact, chance=1 / len(SHAPES) / len(COLORS)),  # every object equally likely
+    Task("needle-long", partial(make_needle, frames=4 * NEEDLE_FRAMES), score_exact,
+         chance=1 / len(SHAPES) / len(COLORS)),
 ]}
+STUDY = ("detail", "vground", "vground-long", "needle", "needle-long")
 
-# The tokenizer's corpus and the default draw: every task but binding (attribute questions already) and lookup
-# (its words are those of captions and attribute replies). The training stages' mixes are the toy recipe's
-# (data/toy.py).
-ALL = {t: 1.0 for t in TASKS if t not in ("binding", "lookup")}
+# The tokenizer's corpus and the default draw: every task but binding (attribute questions already), lookup (its
+# words are those of captions and attribute replies) and the studies' tasks. The training stages' mixes are the toy
+# recipe's (data/toy.py).
+ALL = {t: 1.0 for t in TASKS if t not in ("binding", "lookup") + STUDY}
 
 
 def score(prediction, sample):
@@ -593,20 +718,24 @@ class ToyWorld:
             raise ValueError(f"no sample {index} in split {split!r}: splits are {SPLITS}, indices below {MAX_INDEX}")
         return (self.seed * len(SPLITS) + SPLITS.index(split)) * MAX_INDEX + index
 
-    def sample(self, split, index, task=None, mix=None, render=True):
+    def sample(self, split, index, task=None, mix=None, render=True, **knobs):
         """The index-th sample of a split: a dict with
             task, kind, split, index, question, answer (the assistant's full reply),
             messages: HF-style chat [user, assistant] with the images / video,
             info: ground truth for scoring and inspection (scenes, tracks, mask, ...).
         The task is `task` if given, else drawn from `mix` (task -> weight; default ALL).
-        render=False skips pixels and video files (image, video and frames are None): for text-only uses."""
+        render=False skips pixels and video files (image, video and frames are None): for text-only uses.
+        knobs go to the task's maker, with a task named: frames= for vground and needle, depth= for needle
+        (see needle_sample)."""
         # Seed with the number's text: Python hashes a str seed (SHA-512) into the generator's state. An int
         # seed is used as is, and CPython's Mersenne Twister gives e.g. seeds 2 and 2**32 + 2 identical streams.
         rng = random.Random(str(self.sample_seed(split, index)))
         mix = mix or ALL
+        if knobs and task is None:
+            raise ValueError(f"{sorted(knobs)}: knobs need a task (task='vground' or 'needle')")
         if task is None:
             task = rng.choices(list(mix), weights=list(mix.values()))[0]
-        spec = TASKS[task].make(rng, self.image_size)
+        spec = TASKS[task].make(rng, self.image_size, **knobs)
         scenes, tracks = spec.get("scenes", []), spec.get("tracks")
 
         content = [{"type": "image", "image": draw_scene(s, self.image_size) if render else None} for s in scenes]
@@ -639,11 +768,19 @@ class ToyWorld:
         between temporal patches, "<0.2 seconds>", ...) to train the tokenizer on. Renders nothing: fast."""
         for i in range(n):
             s = self.sample(split, i, mix=mix or ALL, render=False)
-            stamps = "".join(f"<{t:.1f} seconds>" for t in video_timestamps()) if "tracks" in s["info"] else ""
+            tracks = s["info"].get("tracks")
+            stamps = "".join(f"<{t:.1f} seconds>" for t in video_timestamps(len(tracks[0]["path"]))) if tracks else ""
             yield stamps + s["question"] + "\n" + s["answer"]
 
 
-def video_timestamps():
+def video_timestamps(frames=VIDEO_FRAMES):
     """The time of each temporal patch as Qwen3-VL's processor computes it: the mean time of its frames."""
-    times = [f / VIDEO_FPS for f in range(VIDEO_FRAMES)]
-    return [(times[i] + times[i + EVENT_STRIDE - 1]) / 2 for i in range(0, VIDEO_FRAMES, EVENT_STRIDE)]
+    times = [f / VIDEO_FPS for f in range(frames)]
+    return [(times[i] + times[i + EVENT_STRIDE - 1]) / 2 for i in range(0, frames, EVENT_STRIDE)]
+
+
+def needle_sample(world, split, index, frames=NEEDLE_FRAMES, depth=0.5, render=True):
+    """The needle sample `index` of a split in a video of `frames` frames with the needle at `depth` (0: the first
+    temporal patch, 1: the last): for a heat map of score over length x depth. The same index gives the same haystack
+    and needle at every depth."""
+    return world.sample(split, index, task="needle", render=render, frames=frames, depth=depth)

@@ -14,12 +14,15 @@ import av
 import numpy as np
 import pytest
 
-from data.toy import MIXES
-from data.toyworld import (ALL, BACKGROUND, CELL, COLOR_NAMES, COLORS, EVENT_STRIDE, PLURAL, SHAPES, SPLITS, TASKS,
-                           VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld, object_mask, score, video_timestamps)
-from eval import final_answer, json_list, normalize
+from data import open_data
+from data.toy import MIXES, STAGES, ToyData
+from data.toyworld import (ALL, BACKGROUND, CELL, COLOR_NAMES, COLORS, EVENT_STRIDE, MARK, NEEDLE_FRAMES, PLURAL,
+                           SHAPES, SPLITS, STUDY, TASKS, VGROUND_FRAMES, VIDEO_FPS, VIDEO_FRAMES, WORDS, ToyWorld,
+                           needle_sample, object_mask, score, video_timestamps)
+from eval import final_answer, json_list, normalize, span
 
 SIZE = 96
+VIDEOS = ("video", "vground", "vground-long", "needle", "needle-long")  # the tasks whose samples are videos
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def test_same_split_and_index_give_the_same_sample(tmp_path):
             sa, sb = a.sample("val", i, task=task), b.sample("val", i, task=task)
             assert (sa["question"], sa["answer"], sa["kind"]) == (sb["question"], sb["answer"], sb["kind"])
             assert all(np.array_equal(x, y) for x, y in zip(images(sa), images(sb)))
-            if task == "video":
+            if task in VIDEOS:
                 va, vb = video_entry(sa), video_entry(sb)
                 assert np.array_equal(va["frames"], vb["frames"]) and va["video"] == vb["video"]
     mixed = [a.sample("train", i)["answer"] for i in range(50)]
@@ -94,7 +97,7 @@ def digest(world, n=30):
     """One hash of the text and pixels of the first n validation samples."""
     h = hashlib.sha1()
     for i in range(n):
-        s = world.sample("val", i, mix={t: 1.0 for t in TASKS if t != "video"})
+        s = world.sample("val", i, mix={t: 1.0 for t in TASKS if t not in VIDEOS})
         h.update(s["answer"].encode())
         for img in images(s):
             h.update(img.tobytes())
@@ -139,7 +142,8 @@ def test_messages_are_hf_style_chat(world):
         assert assistant["content"] == [{"type": "text", "text": s["answer"]}]
         assert user["content"][-1] == {"type": "text", "text": s["question"]}
         kinds = [c["type"] for c in user["content"][:-1]]
-        expected = {"compare": ["image", "image"], "video": ["video"], "lookup": [], "text": []}.get(task, ["image"])
+        expected = {"compare": ["image", "image"], "lookup": [], "text": [], **{v: ["video"] for v in VIDEOS}}.get(
+            task, ["image"])
         assert kinds == expected, task
         for img in images(s):
             assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
@@ -211,6 +215,13 @@ def wrong_answer(s):
     if task == "video":
         t = float(final_answer(answer).split()[0])
         return f"{t + 1 if t < 3 else t - 1:.1f} seconds"
+    if task == "detail":
+        return "The right one." if answer != "The right one." else "The left one."
+    if task in ("vground", "vground-long"):  # a span that does not overlap: before it, or right after it
+        a, b = span(answer)
+        return f"<0.0 seconds> to <{a:.1f} seconds>" if a > 0 else f"<{b:.1f} seconds> to <{b + 1:.1f} seconds>"
+    if task in ("needle", "needle-long"):
+        return next(f"{c} {sh}" for c in COLOR_NAMES for sh in SHAPES if f"{c} {sh}" != answer)
     raise AssertionError(task)
 
 
@@ -250,7 +261,7 @@ def test_scores_tolerate_harmless_variation(world):
 
 
 @pytest.mark.parametrize("task", ["attribute", "binding", "count", "ocr", "compare", "video", "think", "lookup",
-                                  "text"])
+                                  "text", "detail", "needle", "needle-long"])
 def test_chance_is_the_majority_answer_of_each_kind(world, task):
     """For tasks with a small answer space: the best constant answer per question kind."""
     n = 2000
@@ -289,6 +300,18 @@ def test_bbox_chance(world):
 def test_point_chance(world):
     coverage = np.mean([world.sample("train", i, task="point", render=False)["info"]["mask"] for i in range(1500)], 0)
     assert abs(coverage.max() - TASKS["point"].chance) < 0.03, coverage.max()
+
+
+@pytest.mark.parametrize("task, frames", [("vground", VGROUND_FRAMES), ("vground-long", 2 * VGROUND_FRAMES)])
+def test_vground_chance(world, task, frames):
+    """The best constant span on a half-second grid: its mean tIoU over the samples."""
+    truths = np.array([span(world.sample("train", i, task=task, render=False)["answer"]) for i in range(1500)])
+    best, grid = 0.0, np.arange(0, frames / VIDEO_FPS + 0.25, 0.5)
+    for a in grid:
+        for b in grid[grid > a]:
+            inter = np.clip(np.minimum(b, truths[:, 1]) - np.maximum(a, truths[:, 0]), 0, None)
+            best = max(best, np.mean(inter / (np.maximum(b, truths[:, 1]) - np.minimum(a, truths[:, 0]))))
+    assert abs(best - TASKS[task].chance) < 0.02, best
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +486,116 @@ def test_video_files_are_cached_by_content(world):
 
 
 # -----------------------------------------------------------------------------
+# The studies' tasks
+
+
+def test_study_tasks_stay_out_of_the_toy_run(world):
+    """The toy run draws, trains its tokenizer on and scores the tasks it did before; the studies' tasks are drawn
+    only by the study mixes and scored only when named."""
+    assert set(STUDY) <= set(TASKS) and not set(STUDY) & set(ALL)
+    for name, mix in MIXES.items():
+        assert bool(set(mix) & set(STUDY)) == name.startswith("study-"), name
+    assert {s["task"] for s in ToyData(split="val").eval_samples(1)} == set(TASKS) - set(STUDY)
+    assert {s["task"] for s in ToyData(split="val", tasks=["detail", "count"]).eval_samples(1)} == {"detail", "count"}
+    assert all(STAGES[name][0] == "pretrain" for name in MIXES if name.startswith("study-"))
+    # train.py --eval_tasks: open_data keeps the named tasks, studies' tasks included, and names an unknown one
+    held_out = open_data("toy", "val", tasks=["vground-long", "ocr"])
+    assert {s["task"] for s in held_out.eval_samples(1)} == {"vground-long", "ocr"}
+    assert set(held_out.chance) == {"vground-long", "ocr"}
+    with pytest.raises(ValueError, match="unknown \\['detial'\\]"):
+        open_data("toy", "val", tasks=["detial"])
+
+
+def test_detail_shows_three_alike_objects_and_one_hole(world):
+    """Three objects of one shape, colour and size in three columns; the one the answer names (by column, left to
+    right) has MARK x MARK background pixels inside its outline, each of them enclosed; the others none."""
+    where = Counter()
+    for i in range(30):
+        s = world.sample("test", i, task="detail")
+        img, objects = images(s)[0], s["info"]["scenes"][0]["objects"]
+        assert len({(o["shape"], o["color"], o["d"]) for o in objects}) == 1 and len(objects) == 3
+        assert s["question"].startswith(f"Which {objects[0]['shape']} has a hole")
+        ordered = sorted(objects, key=lambda o: o["x"])
+        assert len({o["x"] // CELL for o in objects}) == 3
+        holes = []
+        for o in ordered:
+            mask = object_mask(o, SIZE)
+            gap = mask & ~pixels_of(img, o["color"])
+            holes.append(int(gap.sum()))
+            ys, xs = np.nonzero(gap)
+            assert all(mask[y + dy, x + dx] for y, x in zip(ys, xs) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))
+        k = ("The left one.", "The middle one.", "The right one.").index(s["answer"])
+        assert holes == [MARK * MARK if j == k else 0 for j in range(3)]
+        where[k] += 1
+    assert set(where) == {0, 1, 2}
+
+
+def visible_frames(frames, color):
+    """The frame numbers in which some pixel has exactly this colour."""
+    return [f for f in range(len(frames)) if pixels_of(frames[f], color).any()]
+
+
+@pytest.mark.parametrize("task, frames", [("vground", VGROUND_FRAMES), ("vground-long", 2 * VGROUND_FRAMES)])
+def test_vground_span_is_when_the_object_is_on_screen(world, task, frames):
+    """Read from the frames: the asked object (the only one of its colour) is on screen exactly from the span's
+    start to just before its end, at most half the video; spans start and end all over the video."""
+    starts, ends = set(), set()
+    for i in range(25):
+        s = world.sample("test", i, task=task)
+        video = video_entry(s)["frames"]
+        assert video.shape == (frames, SIZE, SIZE, 3)
+        color = s["question"].split(" the ")[1].split()[0]
+        a, b = span(s["answer"])
+        assert visible_frames(video, color) == list(range(round(a * VIDEO_FPS), round(b * VIDEO_FPS)))
+        assert 0 < b - a <= frames / VIDEO_FPS / 2
+        starts.add(a)
+        ends.add(b)
+    assert len(starts) >= 4 and len(ends) >= 4 and max(ends) > VGROUND_FRAMES / VIDEO_FPS * (frames > VGROUND_FRAMES)
+
+
+def test_vground_frames_knob_and_partial_credit(world):
+    s = world.sample("val", 4, task="vground", frames=24)
+    assert video_entry(s)["frames"].shape[0] == 24 and 0 <= span(s["answer"])[0] < span(s["answer"])[1] <= 12
+    a, b = span(s["answer"])
+    half = TASKS["vground"].score(f"<{a:.1f} seconds> to <{(a + b) / 2:.2f} seconds>", s)
+    assert half == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="frames=5"):
+        world.sample("val", 4, task="vground", frames=5)
+    with pytest.raises(ValueError, match="knobs need a task"):
+        world.sample("val", 4, frames=24)
+
+
+def test_needle_depth_and_length_knobs(world):
+    """One object in every frame: the haystack's in all but one temporal patch, the needle's (another shape and
+    colour, the answer) in that one, at the depth asked: 0 the first patch, 1 the last, 0.5 the middle (rounded).
+    The same index at another depth is the same haystack and needle; the length is the frames asked."""
+    for frames in (8, 16, 40):
+        slots = frames // EVENT_STRIDE
+        for i in range(3):
+            seen = set()
+            for depth in (0.0, 0.5, 1.0):
+                s = needle_sample(world, "test", i, frames=frames, depth=depth)
+                video = video_entry(s)["frames"]
+                assert video.shape == (frames, SIZE, SIZE, 3)
+                needle, hay = s["info"]["tracks"][1], s["info"]["tracks"][0]
+                assert s["answer"] == f"{needle['color']} {needle['shape']}" and hay["color"] != needle["color"]
+                assert hay["shape"] != needle["shape"]
+                slot = round(depth * (slots - 1))
+                assert s["info"]["slot"] == slot
+                assert visible_frames(video, needle["color"]) == [slot * EVENT_STRIDE + k for k in range(EVENT_STRIDE)]
+                assert visible_frames(video, hay["color"]) == [f for f in range(frames) if f // EVENT_STRIDE != slot]
+                seen.add((s["answer"], hay["color"], hay["shape"]))
+            assert len(seen) == 1
+    assert video_entry(world.sample("test", 0, task="needle-long"))["frames"].shape[0] == 4 * NEEDLE_FRAMES
+    slots = [world.sample("train", i, task="needle", render=False)["info"]["slot"] for i in range(400)]
+    assert set(slots) == set(range(NEEDLE_FRAMES // EVENT_STRIDE))  # a random depth covers every slot
+    with pytest.raises(ValueError, match="depth=1.5"):
+        needle_sample(world, "test", 0, depth=1.5)
+    with pytest.raises(ValueError, match="frames=2"):
+        needle_sample(world, "test", 0, frames=2)
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer corpus and speed
 
 
@@ -477,7 +610,7 @@ def test_text_corpus(world):
 def test_generation_is_fast(world):
     start = time.perf_counter()
     for i in range(1000):
-        world.sample("train", 10_000 + i, mix={t: 1.0 for t in TASKS if t != "video"})
+        world.sample("train", 10_000 + i, mix={t: 1.0 for t in TASKS if t not in VIDEOS})
     assert time.perf_counter() - start < 3.0
     start = time.perf_counter()
     list(world.text_corpus(2000))
