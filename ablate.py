@@ -90,7 +90,7 @@ STUDIES = {
 # every run: checkpoints (for --resume) without evaluations in between, the test at the end
 SHARED = ["--eval_every", "50", "--eval_samples", "0", "--test_samples", "64", "--log_every", "25"]
 CPU = ["--device", "cpu"]
-GPU = ["--preset", "toy-gpu", "--batch_size", "8", "--seq_len", "384"]
+GPU_ROWS = ["--batch_size", "8", "--seq_len", "384"]     # toy-gpu's rows
 
 
 def stage_flag(study, steps):
@@ -103,7 +103,9 @@ def stage_flag(study, steps):
 def shared_flags(study, args):
     """The train.py flags of every run of the study; on GPUs with data workers on the cores a run gets (packing
     video samples is slow; the rows do not depend on the workers)."""
-    device = GPU + ["--data_workers", str(max(1, (os.cpu_count() or 1) // args.jobs - 1))] if args.gpu else CPU
+    model = ["--preset", args.preset] + (GPU_ROWS if args.preset == "toy-gpu" else [])
+    device = ["--data_workers", str(max(1, (os.cpu_count() or 1) // args.jobs - 1))] if args.gpu else CPU
+    device = model + device
     return SHARED + device + list(study.flags) + ["--stages", stage_flag(study, args.steps),
                                                   "--eval_tasks", ",".join(study.tasks)]
 
@@ -252,7 +254,7 @@ def log_entry(study, args, command, table_md, lines):
     each = shlex.join(["python", "train.py"] + shared_flags(study, args)) + " <variant's flags> --seed S --out_dir " \
         + f"{args.out_dir}/<variant>/seedS"
     return (f"## {datetime.date.today()}: ablation `{args.study}`, {' vs '.join(study.variants)} "
-            f"({'toy-gpu' if args.gpu else 'toy-cpu, CPU'}, {args.steps} steps, {args.seeds} seeds)\n\n"
+            f"({args.preset}, {'GPU' if args.gpu else 'CPU'}, {args.steps} steps, {args.seeds} seeds)\n\n"
             f"- **Hypothesis.** {study.hypothesis}\n- **Paper.** {study.paper}\n"
             f"- **Command.** `{command}`; each run: `{each}` with "
             + "; ".join(f"{v}: `{shlex.join(f)}`" for v, f in study.variants.items()) + ".\n"
@@ -281,6 +283,8 @@ def main(argv=None, train_cmd=None):
     p.add_argument("--steps", type=int, default=0, help="training steps of every run (default: the study's)")
     p.add_argument("--gpu", action="store_true", help="the toy-gpu preset and the study's GPU steps; each run on "
                    "one GPU, round robin (--jobs above the GPUs share them)")
+    p.add_argument("--preset", default="", choices=["", "toy-cpu", "toy-gpu"], help="the model (default: toy-cpu; "
+                   "--gpu: toy-gpu with rows of 8 x 384); --gpu --preset toy-cpu runs the CPU recipe on the GPU")
     p.add_argument("--out_dir", default="", help="default: out/ablate/<study> (out/ablate-gpu/<study> with --gpu)")
     p.add_argument("--log", default=os.path.join(ROOT, "dev", "LOG.md"), help="the log the entry goes to (default: "
                    "dev/LOG.md; '': none)")
@@ -300,7 +304,8 @@ def main(argv=None, train_cmd=None):
         if getattr(args, flag) < least:
             p.error(f"--{flag} {getattr(args, flag)}: must be >= {least}")
     study = STUDIES[args.study]
-    args.steps = args.steps or (study.gpu_steps if args.gpu else study.steps)
+    args.preset = args.preset or ("toy-gpu" if args.gpu else "toy-cpu")
+    args.steps = args.steps or (study.gpu_steps if args.preset == "toy-gpu" else study.steps)
     args.out_dir = args.out_dir or os.path.join("out", "ablate-gpu" if args.gpu else "ablate", args.study)
     train_cmd = train_cmd or [sys.executable, os.path.join(ROOT, "train.py")]
     todo = runs(study, args)
