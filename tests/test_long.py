@@ -128,3 +128,120 @@ def test_context_length():
     assert TextConfig(max_position_embeddings=1_000_000, rope_scaling=dict(YARN_1M)).context_length == 1_000_000
     assert TextConfig(max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 2.0}) \
         .context_length == 8192
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: the stages' rows, the row-length check, the planner
+
+
+def test_stage_rows_paper_and_toy():
+    """At the paper's --seq_len 8192 the stages have the paper's rows (8K, 32K, 256K); the toy recipe keeps its own."""
+    import train
+    from data.toy import ToyData
+    paper, toy = train.parse_args(["--data", "x.jsonl"]), train.parse_args([])
+    rows = {name: train.stage_seq_len(name, ToyData(), paper) for name in train.STAGES}
+    assert rows == {"align": 8192, "pretrain": 8192, "long": 32768, "ultralong": 262144, "sft": 8192}
+    assert {name: train.stage_seq_len(name, ToyData(), toy) for name, _ in toy.stage_list} == \
+        {"align": 192, "shapes": 192, "pretrain": 192, "video": 192, "long": 384, "binding": 192, "sft": 192}
+
+
+def test_row_longer_than_context_is_refused(tmp_path):
+    """toy-cpu has 4096 positions: the long stage's 4 x 2048 rows are refused before a step, with the numbers;
+    YaRN x2 in the config makes them fit."""
+    import train
+    from data.toy import ToyData
+    args = train.parse_args(["--data", "x.jsonl", "--seq_len", "2048", "--stages", "pretrain:1,long:1"])
+    cfg = Qwen3VLConfig.from_preset("toy-cpu")
+    with pytest.raises(ValueError, match=r"--stages long: rows of 8192 tokens \(--seq_len 2048 x 4\) are longer than "
+                                         r"the model's context of 4096 tokens; lower --seq_len \(or --long_seq_mult\)"):
+        train.check_rows(args, ToyData(), cfg)
+    train.check_rows(args, ToyData(), Qwen3VLConfig.from_preset("toy-cpu", text=dict(
+        rope_scaling={"rope_type": "yarn", "factor": 2.0})))
+    with pytest.raises(ValueError, match="rows of 8192 tokens"):                 # through main, before any file
+        train.main(["--seq_len", "4096", "--stages", "pretrain:1", "--long_seq_mult", "2", "--stages", "long:1",
+                    "--vocab_size", "300", "--out_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_is_linear_in_the_row_and_split_by_cp():
+    """Activations grow linearly with the row (no [S, S] term on the flex path, no [S, V] logits), monotone in it;
+    context parallelism over N divides them by N (up to one layer's gathered K/V and the loss chunk); the state
+    does not depend on the row."""
+    import train
+    cfg = Qwen3VLConfig.from_preset("qwen3-vl-8b")
+    counts = train.param_counts(cfg)
+    for ac in (False, True):
+        a = {S: train.plan(cfg, S, 1, 8, ac, counts=counts)["activations"] for S in (8192, 16384, 32768, 262144)}
+        assert a[8192] < a[16384] < a[32768] < a[262144]
+        assert a[32768] - a[16384] == pytest.approx(2 * (a[16384] - a[8192]), rel=1e-9)     # affine in S
+        assert a[262144] == pytest.approx(a[8192] + 31 * (a[16384] - a[8192]), rel=1e-9)
+        one = train.plan(cfg, 262144, 1, 8, ac, counts=counts)
+        for n in (2, 8):
+            split = train.plan(cfg, 262144, 1, 8, ac, cp=n, counts=counts)
+            assert split["state"] == one["state"]
+            kv = 2 * 2 * cfg.text.num_key_value_heads * cfg.text.head_dim * 262144
+            chunk = 1024 * cfg.text.vocab_size * 10
+            assert split["activations"] - kv - chunk == pytest.approx((one["activations"] - chunk) / n, rel=1e-9)
+        # no [S, V] term: the cost of a token does not depend on the vocabulary
+        big_vocab = Qwen3VLConfig.from_preset("qwen3-vl-8b", text=dict(vocab_size=4 * 151936))
+        b = {S: train.plan(big_vocab, S, 1, 8, ac, counts=counts)["activations"] for S in (8192, 16384)}
+        assert b[16384] - b[8192] == a[16384] - a[8192]
+
+
+def test_gpus_for_a_256k_row():
+    """More GPUs for a longer row and a bigger model; the count found fits and half of it does not."""
+    import train
+    small, big = Qwen3VLConfig.from_preset("qwen3-vl-2b"), Qwen3VLConfig.from_preset("qwen3-vl-32b")
+    n = train.gpus_for_row(big, 262144)
+    assert train.gpus_for_row(small, 262144) <= n and train.gpus_for_row(big, 32768) <= n and n > 1
+    fits = lambda k: train.plan(big, 262144, 1, k, True, cp=k)["total"] <= train.GPU_MEMORY
+    assert fits(n) and not fits(n // 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A long packed row: its loss is its documents' losses
+
+
+@pytest.mark.parametrize("weighting", ["token", "sqrt"])
+def test_long_packed_row_loss_is_its_documents_losses(weighting):
+    """A row of ~3,000 tokens packing five documents (one with an image), on the dense path: its summed loss is the
+    sum of each document's own summed loss, computed alone (token weighting: the mean is the token-weighted mean
+    of the documents' means; sqrt: each document's mean weighs sqrt(its targets))."""
+    import train
+    from conftest import randomize_
+    from model import Qwen3VL
+    from rope import rope_index
+    cfg = Qwen3VLConfig.from_preset("toy-cpu", text=dict(vocab_size=512), image_token_id=508, video_token_id=509,
+                                    vision_start_token_id=510, vision_end_token_id=511)
+    model = randomize_(Qwen3VL(cfg), seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for i, n in enumerate([900, 40, 1200, 7, 800]):
+        ids = torch.randint(0, 500 if i % 2 else 100, (n,), generator=g)          # two vocabularies: other losses
+        grid, pv = None, None
+        if i == 2:                                                              # an image of 8 x 8 patches: 16 tokens
+            ids = torch.cat([ids[:30], torch.tensor([510] + [508] * 16 + [511]), ids[30:]])
+            grid, pv = torch.tensor([[1, 8, 8]]), torch.randn(64, 1536, generator=g)
+        pos, _ = rope_index(ids[None], None, grid, None, image_token_id=508, video_token_id=509)
+        labels = ids.masked_fill(ids == 508, -100)
+        labels[0] = -100
+        docs.append(dict(ids=ids, labels=labels, pos=pos[:, 0], pv=pv, ig=grid, pvv=None, vg=None))
+    S = sum(len(d["ids"]) for d in docs) + 5
+    batch = train.collate([docs], S, 0, weighting)
+    labels, weights = batch.pop("labels"), batch.pop("weights", None)
+    batch.pop("real")
+    with torch.no_grad():
+        _, packed = model(**batch, labels=labels, loss_weights=weights, loss_reduction="sum", return_hidden=True)
+        alone, counts = [], []
+        for d in docs:
+            _, loss = model(d["ids"][None], pixel_values=d["pv"], image_grid_thw=d["ig"], labels=d["labels"][None],
+                            loss_reduction="mean", return_hidden=True)
+            alone.append(loss)
+            counts.append(int((d["labels"][1:] != -100).sum()))
+    counts = torch.tensor(counts, dtype=torch.float32)
+    means = torch.stack(alone)
+    per_doc = counts if weighting == "token" else counts.sqrt()                 # each document's mean's weight
+    torch.testing.assert_close(packed, (per_doc * means).sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(packed / train.target_weight(dict(labels=labels, **({"weights": weights} if weights
+                               is not None else {}))), (per_doc * means).sum() / per_doc.sum(), rtol=1e-5, atol=0)
+    assert (means.max() - means.min()).item() > 0.1                             # the documents' losses differ
