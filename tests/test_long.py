@@ -62,11 +62,18 @@ def test_yarn_changes_only_the_slow_frequencies():
     assert (ratio[1:] <= ratio[:-1] + 1e-7).all() and ((ratio > 0.34) & (ratio < 0.99)).any()
 
 
-def test_scaled_model_logits_match_reference(tmp_path):
+@pytest.fixture(scope="module")
+def yarn_pair(tmp_path_factory):
+    """(reference, ours): a tiny random Qwen3-VL whose config has YaRN x3 over 64 original positions."""
+    return build_pair(tmp_path_factory.mktemp("yarn"), max_position_embeddings=4096,
+                      rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 64,
+                                    "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+
+
+def test_scaled_model_logits_match_reference(yarn_pair):
     """A tiny random Qwen3-VL with YaRN in its config: our logits equal the reference's (text, image and video)."""
-    ref, ours = build_pair(tmp_path, max_position_embeddings=4096,
-                           rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 64,
-                                         "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    import copy
+    ref, ours = yarn_pair
     assert ours.cfg.text.rope_scaling == {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 64}
     kw = make_batch([[("text", 70), ("image", (1, 4, 6)), ("text", 30), ("video", (2, 4, 4)), ("text", 9)],
                      [("text", 40), ("image", (1, 8, 4)), ("text", 3)]])
@@ -78,9 +85,30 @@ def test_scaled_model_logits_match_reference(tmp_path):
     plain = Qwen3VLConfig.from_hf_dict({**ours.cfg.to_hf_dict(), "text_config": {
         **ours.cfg.to_hf_dict()["text_config"], "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
                                                                      "mrope_section": [4, 2, 2]}}})
-    ours.cfg = plain                                     # the same weights without YaRN: other logits
+    unscaled = copy.copy(ours)                           # the same weights without YaRN: other logits
+    unscaled.cfg = plain
     with torch.no_grad():
-        assert (ours(**kw)[0][m] - r[m]).abs().max().item() > 1e-3
+        assert (unscaled(**kw)[0][m] - r[m]).abs().max().item() > 1e-3
+
+
+def test_scaled_decode_matches_reference(yarn_pair):
+    """Greedy decoding through the KV cache (sample.generate: each step's cos/sin from the same scaled frequencies)
+    gives the reference's tokens, past the 64 original positions, and its log-probabilities equal a fresh forward."""
+    from sample import generate
+    ref, ours = yarn_pair
+    kw = make_batch([[("text", 50), ("image", (1, 4, 6)), ("text", 9)], [("text", 20)]])
+    with torch.no_grad():
+        expected = ref.generate(**reference_inputs(kw), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                                pad_token_id=151643)[:, kw["input_ids"].shape[1]:]
+    tokens, logprobs = generate(ours, **kw, max_new_tokens=40, temperature=0.0, eos_ids=(), return_logprobs=True)
+    assert torch.equal(tokens, expected)
+    full = dict(kw, input_ids=torch.cat([kw["input_ids"], tokens], 1),
+                attention_mask=torch.cat([kw["attention_mask"], torch.ones_like(tokens)], 1))
+    with torch.no_grad():
+        logits, _ = ours(**full)
+    S = kw["input_ids"].shape[1]
+    fresh = logits[:, S - 1:-1].log_softmax(-1).gather(-1, tokens[..., None])[..., 0]          # [B, 40]
+    torch.testing.assert_close(logprobs, fresh, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("format", ["v5", "v4"])
