@@ -148,7 +148,9 @@ def _check_rope_scaling(scaling):
         raise TypeError(f"{name}={scaling!r}: must be a dict with rope_type and factor, or None")
     rope_type = scaling.get("rope_type")
     if rope_type not in ROPE_SCALING_KEYS:
-        raise ValueError(f"{name}: rope_type {rope_type!r} is not implemented; supported: default (rope_scaling "
+        why = (" (its frequencies follow the longest sequence the reference's module has seen so far, a state that "
+               "a pure function of the positions cannot reproduce)") if rope_type == "dynamic" else ""
+        raise ValueError(f"{name}: rope_type {rope_type!r} is not implemented{why}; supported: default (rope_scaling "
                          f"None), {', '.join(ROPE_SCALING_KEYS)}")
     known = ROPE_SCALING_KEYS[rope_type]
     unknown = sorted(set(scaling) - set(known) - {"rope_type"})
@@ -403,19 +405,14 @@ def _read_text_rope(text, where):
         raise ValueError(f"{where}: text_config has no rope_theta (in rope_parameters for 5.x); the reference's "
                          "default differs between versions, so the file must say it")
     rope_type = rope.pop("rope_type", "default")
-    if rope_type != "default" and rope_type not in ROPE_SCALING_KEYS:
-        raise ValueError(f"{where}: {name}.rope_type {rope_type!r} is not implemented; supported: default, "
-                         f"{', '.join(ROPE_SCALING_KEYS)}")
     for key in ("rope_theta", "mrope_section", "mrope_interleaved"):
         if key in rope:
             text[key] = rope.pop(key)
-    scaling_keys = ROPE_SCALING_KEYS.get(rope_type, {})
-    if set(rope) - set(scaling_keys):
-        raise ValueError(f"{where}: unknown {name} key(s) {sorted(set(rope) - set(scaling_keys))}; known: rope_type, "
-                         "rope_theta, mrope_section, mrope_interleaved" + "".join(f", {k}" for k in scaling_keys)
-                         + f" (rope_type {rope_type!r})")
-    if rope_type != "default":
+    if rope_type != "default":                           # checked with TextConfig (_check_rope_scaling)
         text["rope_scaling"] = {"rope_type": rope_type, **rope}
+    elif rope:
+        raise ValueError(f"{where}: unknown {name} key(s) {sorted(rope)}; known: rope_type, rope_theta, "
+                         "mrope_section, mrope_interleaved (and with a rope_type other than 'default', its own)")
 
 
 def _checked(cls, d, where, skip=()):

@@ -135,10 +135,22 @@ def test_reference_reads_our_scaled_config(format, tmp_path):
     assert cfg.text.context_length == 786432
 
 
+def test_config_json_with_unknown_scaling_is_named(tmp_path):
+    """A file's rope_type and keys are checked as TextConfig.rope_scaling, the file named."""
+    from config import read_hf_config
+    d = Qwen3VLConfig.from_preset("toy-cpu").to_hf_dict("v4")
+    d["text_config"]["rope_scaling"].update(rope_type="yarn", factor=2.0, beta=3)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"config.json: text.rope_scaling: unknown key\(s\) \['beta'\] for rope_type "
+                                         r"'yarn'; known: \['attention_factor', 'beta_fast'"):
+        read_hf_config(tmp_path)
+
+
 @pytest.mark.parametrize("scaling, error", [
     ({"rope_type": "longrope", "factor": 2.0},
      r"rope_type 'longrope' is not implemented; supported: default \(rope_scaling None\), linear, yarn"),
-    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not implemented"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not implemented .its frequencies follow the "
+                                              "longest sequence"),
     ({"rope_type": "yarn"}, "rope_type 'yarn' needs a factor"),
     ({"rope_type": "yarn", "factor": 0.5}, r"text.rope_scaling.factor=0.5: must be a finite number in \[1, "),
     ({"rope_type": "linear", "factor": 2.0, "beta_fast": 3}, r"unknown key\(s\) \['beta_fast'\] for rope_type 'linear'"),
