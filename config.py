@@ -121,7 +121,6 @@ class TextConfig:
         _check_layer_list("text.mlp_only_layers", self.mlp_only_layers, self.num_hidden_layers,
                           "text.num_hidden_layers")
 
-
     @property
     def context_length(self):
         """The longest row the RoPE is made for: max_position_embeddings, or with a RoPE scaling factor x

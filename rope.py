@@ -13,6 +13,8 @@ Three pieces live here, in the order the model uses them:
                       THW THW ... THW TTTT (Qwen3-VL) instead of Qwen2-VL's chunked TTT..HHH..WWW (kept behind
                       `interleaved=False` for ablations). Pure text has t = h = w, so it reduces to 1-D RoPE.
 
+`rope_frequencies` gives the text RoPE's frequencies, with the context extension of the config (YaRN or linear
+position interpolation: TextConfig.rope_scaling), and the factor of cos and sin that mrope_cos_sin applies.
 `apply_rotary` rotates q/k with the usual rotate-half pairing (dim i with dim i + d/2).
 
 Everything is vectorised (no Python loop over samples or images) and has no host synchronisation, so it runs
@@ -56,13 +58,12 @@ def rope_frequencies(dim, theta, scaling=None, max_position_embeddings=None):
     by attention_factor, by default the temperature sqrt(1/t) = 0.1 ln(factor) + 1, or with mscale and
     mscale_all_dim both set (DeepSeek's form) m(factor, mscale) / m(factor, mscale_all_dim), m(s, a) = 0.1 a ln s + 1.
     """
-    power = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)         # [dim/2] theta^(2i/dim)
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
-        return 1.0 / power, 1.0
+        return inv_freq(dim, theta), 1.0
     factor = scaling["factor"]
     if rope_type == "linear":
-        return 1.0 / power / factor, 1.0
+        return inv_freq(dim, theta) / factor, 1.0
     if rope_type != "yarn":
         raise ValueError(f"rope_type {rope_type!r} is not implemented; supported: default, linear, yarn")
     original = scaling.get("original_max_position_embeddings", max_position_embeddings)
@@ -83,6 +84,7 @@ def rope_frequencies(dim, theta, scaling=None, max_position_embeddings=None):
     low, high = max(low, 0), min(high, dim - 1)
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
     keep = 1 - ramp                                                               # [dim/2] weight of the original
+    power = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)         # [dim/2] theta^(2i/dim)
     return 1.0 / (factor * power) * (1 - keep) + 1.0 / power * keep, float(attention)    # [dim/2]
 
 
@@ -177,10 +179,10 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
 # ----------------------------------------------------------------------------------------------------------
 # 3. Interleaved MRoPE (reference §3.4)
 
-def mrope_cos_sin(position_ids, freqs, mrope_section=(24, 20, 20), interleaved=True):
+def mrope_cos_sin(position_ids, frequencies, mrope_section=(24, 20, 20), interleaved=True):
     """
     position_ids: [3, B, S] (t, h, w) positions, or [B, S] for plain 1-D positions.
-    freqs: rope_frequencies(head_dim, ...), the frequencies [head_dim/2] and the factor of cos and sin.
+    frequencies: rope_frequencies(head_dim, ...), the frequencies [head_dim/2] and the factor of cos and sin.
     Returns cos, sin: [B, S, head_dim] float32.
     Interleaved (Qwen3-VL): frequency slot i uses axis h if i % 3 == 1 and i < 3*sections[1], axis w if
     i % 3 == 2 and i < 3*sections[2], else t. Chunked (Qwen2-VL): the first sections[0] slots use t, the next
@@ -188,7 +190,7 @@ def mrope_cos_sin(position_ids, freqs, mrope_section=(24, 20, 20), interleaved=T
     """
     if position_ids.dim() == 2:
         position_ids = position_ids[None].expand(3, -1, -1)
-    freqs, scale = freqs[0].to(position_ids.device), freqs[1]                 # [head_dim/2]
+    freqs, scale = frequencies[0].to(position_ids.device), frequencies[1]     # [head_dim/2]
     head_dim = 2 * len(freqs)
     angles = position_ids[..., None].float() * freqs                            # [3, B, S, head_dim/2]
     slot = torch.arange(head_dim // 2, device=position_ids.device)
