@@ -77,8 +77,8 @@ from tokenizer import Tokenizer
 #   post-training SFT         all      -       32K,    sft         --seq_len  8K    binding, sft   192
 #                                              256K
 #
-# Stage 2 raises the share of long samples (long documents, long videos) over stage 1, stage 3 trains on 256K-token
-# documents and videos; here that is the data's mix of each stage (a recipe's own stages, as the toy's). The RoPE
+# Stages 2 and 3 add long documents and long videos to the mix; here a stage's mix is the data's (a recipe's own
+# stages, as the toy's), the paper's stages set what learns, which tokens carry loss and the rows. The RoPE
 # base is the checkpoint config's rope_theta in every stage (5,000,000 in every released size): the long stages
 # change the rows, not the positions' frequencies. The paper's SFT runs 32K then 256K rows: --seq_len 32768, then
 # 262144. Past 256K the released models extend with YaRN (text.rope_scaling; config.TextConfig.context_length).
@@ -178,9 +178,9 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     """--help shows the module docstring as written and every flag's default."""
 
 
-AT_LEAST = dict(batch_size=1, seq_len=8, long_seq_mult=1, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0, test_samples=0,
-                max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1, cp=1, image_size=96,
-                min_pixels=0, max_pixels=0)
+AT_LEAST = dict(batch_size=1, seq_len=8, long_seq_mult=1, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0,
+                test_samples=0, max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1,
+                cp=1, image_size=96, min_pixels=0, max_pixels=0)
 
 
 def parse_args(argv=None):

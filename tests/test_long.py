@@ -34,10 +34,11 @@ def reference_rotary(head_dim, section, scaling, max_position_embeddings=262144,
 
 
 def long_positions(n=512, high=300_000, seed=0):
-    """[3, 2, n] (t, h, w) positions up to `high`: text runs (t = h = w) and visual blocks (h, w ahead of t)."""
+    """[3, 2, n] (t, h, w) positions up to `high`, h and w up to 39 ahead of t (as in a visual block)."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, high, (2, n), generator=g).sort(dim=-1).values
-    return torch.stack([t, t + torch.randint(0, 40, (2, n), generator=g), t + torch.randint(0, 40, (2, n), generator=g)])
+    t = torch.randint(0, high, (2, n), generator=g).sort(dim=-1).values        # [2, n]
+    h, w = (t + torch.randint(0, 40, (2, n), generator=g) for _ in range(2))
+    return torch.stack([t, h, w])                                               # [3, 2, n]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -127,7 +128,8 @@ def test_config_round_trip_with_scaling(format, scaling):
 def test_reference_reads_our_scaled_config(format, tmp_path):
     """The reference's config class reads our file with the same RoPE parameters, and writes back what we read."""
     from transformers import AutoConfig
-    cfg = Qwen3VLConfig.from_preset("qwen3-vl-8b", text=dict(rope_scaling=dict(YARN_1M), max_position_embeddings=786432))
+    cfg = Qwen3VLConfig.from_preset("qwen3-vl-8b", text=dict(rope_scaling=dict(YARN_1M),
+                                                              max_position_embeddings=786432))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict(format)))
     theirs = AutoConfig.from_pretrained(tmp_path)
     assert {k: theirs.text_config.rope_parameters[k] for k in YARN_1M} == YARN_1M
@@ -153,7 +155,8 @@ def test_config_json_with_unknown_scaling_is_named(tmp_path):
                                               "longest sequence"),
     ({"rope_type": "yarn"}, "rope_type 'yarn' needs a factor"),
     ({"rope_type": "yarn", "factor": 0.5}, r"text.rope_scaling.factor=0.5: must be a finite number in \[1, "),
-    ({"rope_type": "linear", "factor": 2.0, "beta_fast": 3}, r"unknown key\(s\) \['beta_fast'\] for rope_type 'linear'"),
+    ({"rope_type": "linear", "factor": 2.0, "beta_fast": 3},
+     r"unknown key\(s\) \['beta_fast'\] for rope_type 'linear'"),
     ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1, "beta_slow": 8}, "beta_fast=1 must be >= beta_slow=8"),
     ({"rope_type": "yarn", "factor": 2.0, "truncate": 1}, "text.rope_scaling.truncate=1: must be True or False"),
 ])
