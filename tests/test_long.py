@@ -112,6 +112,44 @@ def test_scaled_decode_matches_reference(yarn_pair):
     torch.testing.assert_close(logprobs, fresh, rtol=0, atol=1e-5)
 
 
+def test_scaled_decode_step_compiles_to_one_static_graph(yarn_pair):
+    """The YaRN frequencies add no graph break or recompilation to the decode step (sample.py --compile)."""
+    from torch._dynamo.testing import CompileCounter
+    from model import KVCache
+    from sample import decode_step
+    _, ours = yarn_pair
+    kw = make_batch([[("text", 70)], [("text", 66)]])
+    B, S = kw["input_ids"].shape
+    mask = torch.cat([kw["attention_mask"], torch.ones(B, 4, dtype=torch.long)], 1)          # [B, S + 4]
+    eager, compiled = KVCache(ours.cfg.text, B, S + 4), KVCache(ours.cfg.text, B, S + 4)
+    counter = CompileCounter()
+    step = torch.compile(decode_step, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for cache in (eager, compiled):
+            ours(**kw, kv_cache=cache)
+        tokens = torch.tensor([[5], [6]])
+        for _ in range(3):
+            a, b = decode_step(ours, eager, tokens, mask), step(ours, compiled, tokens, mask)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            tokens = a.argmax(-1, keepdim=True)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scaled_cuda_graph_decode_equals_eager(yarn_pair):
+    """The compiled decode step in a CUDA graph with YaRN in the config, against the eager loop (fp32, GPU)."""
+    import copy
+    from sample import generate
+    model = copy.deepcopy(yarn_pair[1]).to("cuda")
+    kw = {k: v.cuda() for k, v in make_batch([[("text", 50), ("image", (1, 4, 6)), ("text", 9)],
+                                              [("text", 20)]]).items()}
+    eager, eager_lp = generate(model, **kw, max_new_tokens=40, temperature=0.0, eos_ids=(), return_logprobs=True)
+    graph, graph_lp = generate(model, **kw, max_new_tokens=40, temperature=0.0, eos_ids=(), return_logprobs=True,
+                               cuda_graph=True)
+    assert torch.equal(eager, graph)
+    torch.testing.assert_close(eager_lp, graph_lp, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("format", ["v5", "v4"])
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_config_round_trip_with_scaling(format, scaling):
