@@ -100,6 +100,10 @@ class TextConfig:
     # like text)
     mrope_layout: str = "interleaved"
     max_position_embeddings: int = 262144
+    # RoPE context extension (rope.rope_frequencies): None, or {"rope_type": "yarn" | "linear", "factor": ...,
+    # other keys of ROPE_SCALING_KEYS}, e.g. the released YaRN for 1M tokens: {"rope_type": "yarn", "factor": 3.0,
+    # "original_max_position_embeddings": 262144}
+    rope_scaling: dict = None
     # Mixture of experts (moe.py); num_experts == 0 means every layer is a dense SwiGLU MLP
     num_experts: int = 0
     num_experts_per_tok: int = 8
@@ -129,10 +133,61 @@ class TextConfig:
                              f"text.head_dim / 2 = {self.head_dim / 2:g}")
         if self.mrope_layout not in MROPE_LAYOUTS:
             raise ValueError(f"text.mrope_layout={self.mrope_layout!r}: must be one of {', '.join(MROPE_LAYOUTS)}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.num_experts > 0:
             check_number("text.num_experts_per_tok", self.num_experts_per_tok, 1, self.num_experts, integer=True)
         _check_layer_list("text.mlp_only_layers", self.mlp_only_layers, self.num_hidden_layers,
                           "text.num_hidden_layers")
+
+    @property
+    def context_length(self):
+        """The longest row the RoPE is made for: max_position_embeddings, or with a RoPE scaling factor x
+        original_max_position_embeddings (its default: max_position_embeddings) when that is longer."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        original = self.rope_scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+        return max(self.max_position_embeddings, int(self.rope_scaling["factor"] * original))
+
+
+# The keys of each RoPE scaling type (rope.rope_frequencies), each with the values allowed: (smallest, largest) for
+# numbers, bool for a switch.
+ROPE_SCALING_KEYS = {
+    "linear": dict(factor=(1, 1e6)),
+    "yarn": dict(factor=(1, 1e6), original_max_position_embeddings=(1, 2**24), attention_factor=(0, 1e6),
+                 beta_fast=(0, 1e6), beta_slow=(0, 1e6), mscale=(0, 1e6), mscale_all_dim=(0, 1e6), truncate=bool),
+}
+
+
+def _check_rope_scaling(scaling):
+    """text.rope_scaling: a dict of a known rope_type with its required factor and only its own keys, in range."""
+    name = "text.rope_scaling"
+    if not isinstance(scaling, dict):
+        raise TypeError(f"{name}={scaling!r}: must be a dict with rope_type and factor, or None")
+    rope_type = scaling.get("rope_type")
+    if rope_type not in ROPE_SCALING_KEYS:
+        why = (" (its frequencies follow the longest sequence the reference's module has seen so far, a state that "
+               "a pure function of the positions cannot reproduce)") if rope_type == "dynamic" else ""
+        raise ValueError(f"{name}: rope_type {rope_type!r} is not implemented{why}; supported: default (rope_scaling "
+                         f"None), {', '.join(ROPE_SCALING_KEYS)}")
+    known = ROPE_SCALING_KEYS[rope_type]
+    unknown = sorted(set(scaling) - set(known) - {"rope_type"})
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown} for rope_type {rope_type!r}; known: {sorted(known)}")
+    if "factor" not in scaling:
+        raise ValueError(f"{name}: rope_type {rope_type!r} needs a factor")
+    for key, allowed in known.items():
+        if key not in scaling:
+            continue
+        if allowed is bool:
+            if not isinstance(scaling[key], bool):
+                raise TypeError(f"{name}.{key}={scaling[key]!r}: must be True or False")
+        else:
+            check_number(f"{name}.{key}", scaling[key], *allowed, integer=key == "original_max_position_embeddings",
+                         low_open=allowed[0] == 0)
+    if scaling.get("beta_fast", 32) < scaling.get("beta_slow", 1):
+        raise ValueError(f"{name}: beta_fast={scaling.get('beta_fast', 32)} must be >= beta_slow="
+                         f"{scaling.get('beta_slow', 1)} (the ramp runs from the fast frequencies to the slow)")
 
 
 @dataclass
@@ -287,7 +342,7 @@ class Qwen3VLConfig:
         moe = self.text.num_experts > 0
         model_type = "qwen3_vl_moe" if moe else "qwen3_vl"
         text = asdict(self.text)
-        rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
+        rope = {**(text.pop("rope_scaling") or {"rope_type": "default"}), "mrope_section": text.pop("mrope_section"),
                 "mrope_interleaved": text.pop("mrope_layout") != "chunked"}   # "text": t = h = w, any layout
         theta = text.pop("rope_theta")
         if not moe:
@@ -380,7 +435,8 @@ def hf_format_of(d, where="config.json"):
 def _read_text_rope(text, where):
     """Fold the text RoPE keys of either generation into TextConfig's fields, in place: 4.57's rope_theta +
     rope_scaling {rope_type, mrope_section, mrope_interleaved}, or 5.x's rope_parameters with all four
-    (mrope_interleaved true / false: mrope_layout "interleaved" / "chunked")."""
+    (mrope_interleaved true / false: mrope_layout "interleaved" / "chunked"); a rope_type other than "default" and
+    its keys (ROPE_SCALING_KEYS) become TextConfig.rope_scaling."""
     legacy, params = text.pop("rope_scaling", None), text.pop("rope_parameters", None)
     if legacy is not None and params is not None:
         raise ValueError(f"{where}: text_config holds both rope_scaling (transformers 4.57) and rope_parameters "
@@ -397,9 +453,7 @@ def _read_text_rope(text, where):
     if "rope_theta" not in rope:   # 4.57 would default to 5e6, 5.x to 5e5: not guessed
         raise ValueError(f"{where}: text_config has no rope_theta (in rope_parameters for 5.x); the reference's "
                          "default differs between versions, so the file must say it")
-    if rope.pop("rope_type", "default") != "default":
-        raise ValueError(f"{where}: {name}.rope_type is {(params or legacy)['rope_type']!r}; only 'default' "
-                         "(plain MRoPE, no context extension) is implemented")
+    rope_type = rope.pop("rope_type", "default")
     for key in ("rope_theta", "mrope_section"):
         if key in rope:
             text[key] = rope.pop(key)
@@ -408,9 +462,11 @@ def _read_text_rope(text, where):
         if not isinstance(interleaved, bool):
             raise TypeError(f"{where}: {name}.mrope_interleaved={interleaved!r}: must be true or false")
         text["mrope_layout"] = "interleaved" if interleaved else "chunked"
-    if rope:
+    if rope_type != "default":                           # checked with TextConfig (_check_rope_scaling)
+        text["rope_scaling"] = {"rope_type": rope_type, **rope}
+    elif rope:
         raise ValueError(f"{where}: unknown {name} key(s) {sorted(rope)}; known: rope_type, rope_theta, "
-                         "mrope_section, mrope_interleaved")
+                         "mrope_section, mrope_interleaved (and with a rope_type other than 'default', its own)")
 
 
 def _read_ablations(d, text, where):

@@ -41,7 +41,7 @@ from config import (HF_EXPERT_LAYOUT, HF_FORMATS, PATCH_EMBED, Qwen3VLConfig, Te
                     hf_to_ours, ours_to_hf, read_hf_config, write_json)
 from moe import (EXPERT_LAYOUTS, SparseMoeBlock, expert_layout_of, experts_from_checkpoint, experts_to_checkpoint,
                  is_moe_layer, load_balancing_loss)
-from rope import apply_rotary, mrope_cos_sin, rope_index
+from rope import apply_rotary, mrope_cos_sin, rope_frequencies, rope_index
 from vision import VisionEncoder
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ class Qwen3VL(nn.Module):
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache={type(kv_cache).__name__}: must be a KVCache or None")
         prompt = kv_cache is None or kv_cache.rope_deltas is None     # the first call on a cache holds the prompt
-        context = min(cfg.max_position_embeddings, kv_cache.max_len if kv_cache is not None else math.inf)
+        context = min(cfg.context_length, kv_cache.max_len if kv_cache is not None else math.inf)
         if prompt and S > context:      # a decode step's position is on the device: its caller sizes the cache
             raise ValueError(f"sequence of {S} tokens is longer than the context ({context})")
         if kv_cache is not None and kv_cache.k[0].shape[0] != B:
@@ -573,8 +573,8 @@ class Qwen3VL(nn.Module):
                     kv_cache.rope_deltas = rope_deltas
             else:   # decoding continues every axis from the prefill's offset
                 position_ids = q_pos[None] + kv_cache.rope_deltas                             # [B, S]
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
-                                 cfg.mrope_layout)                                          # [B, S, hd] float32
+        freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        cos, sin = mrope_cos_sin(position_ids, freqs, cfg.mrope_section, cfg.mrope_layout)  # [B, S, hd] float32
 
         impl = self.attn_impl
         if impl not in ("auto", "sdpa", "flex"):

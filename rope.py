@@ -17,12 +17,16 @@ Ablations (config.ABLATIONS): text.mrope_layout "chunked" (the slot layout above
 every token 1-D, like text); video_time "trope" (rope_index: a video's frame groups advance t with their time in
 seconds, Qwen2.5-VL's absolute-time positions).
 
+`rope_frequencies` gives the text RoPE's frequencies, with the context extension of the config (YaRN or linear
+position interpolation: TextConfig.rope_scaling), and the factor of cos and sin that mrope_cos_sin applies.
 `apply_rotary` rotates q/k with the usual rotate-half pairing (dim i with dim i + d/2).
 
 Everything is vectorised (no Python loop over samples or images) and has no host synchronisation, so it runs
 inside a compiled forward. Angles are always computed in float32 (reference gotchas §7.6/7.7: bf16 angles
 lose exactness past position 256).
 """
+import math
+
 import torch
 
 
@@ -41,6 +45,51 @@ def apply_rotary(x, cos, sin):
 def inv_freq(dim, theta):
     """The dim/2 rotary frequencies 1 / theta^(2i/dim), float32. [dim/2]"""
     return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+
+
+def rope_frequencies(dim, theta, scaling=None, max_position_embeddings=None):
+    """
+    The dim/2 rotary frequencies [dim/2] float32 and the factor that scales cos and sin, for a RoPE scaling of
+    TextConfig.rope_scaling (None: plain RoPE, factor 1; its keys: config.ROPE_SCALING_KEYS).
+
+    linear (position interpolation, Chen et al. 2023): every frequency / factor, so position p turns as p / factor.
+    yarn (YaRN, Peng et al. 2023, §3.2 "NTK-by-parts" and §3.4): frequency i turns r_i = L / wavelength_i times over
+    the original context L (original_max_position_embeddings, default max_position_embeddings). Frequencies that turn
+    more than beta_fast times keep their value (extrapolation), those that turn fewer than beta_slow times are
+    divided by factor (interpolation), and a linear ramp over the dimension index blends the two in between. The
+    ramp's ends are the (fractional) dimensions where r_i = beta_fast and r_i = beta_slow, d(r) = dim ln(L / (2 pi r))
+    / (2 ln theta), rounded outwards when truncate (default True) and clipped to [0, dim - 1]. cos and sin are scaled
+    by attention_factor, by default the temperature sqrt(1/t) = 0.1 ln(factor) + 1, or with mscale and
+    mscale_all_dim both set (DeepSeek's form) m(factor, mscale) / m(factor, mscale_all_dim), m(s, a) = 0.1 a ln s + 1.
+    """
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq(dim, theta), 1.0
+    factor = scaling["factor"]
+    if rope_type == "linear":
+        return inv_freq(dim, theta) / factor, 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_type {rope_type!r} is not implemented; supported: default, linear, yarn")
+    original = scaling.get("original_max_position_embeddings", max_position_embeddings)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def m(a):
+        return 0.1 * a * math.log(factor) + 1.0 if factor > 1 else 1.0
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = m(mscale) / m(mscale_all_dim) if mscale and mscale_all_dim else m(1)
+
+    def dim_of(rotations):                       # the dimension index whose frequency turns `rotations` times over L
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    keep = 1 - ramp                                                               # [dim/2] weight of the original
+    power = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)         # [dim/2] theta^(2i/dim)
+    return 1.0 / (factor * power) * (1 - keep) + 1.0 / power * keep, float(attention)    # [dim/2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,9 +209,10 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
 # ----------------------------------------------------------------------------------------------------------
 # 3. Interleaved MRoPE (reference §3.4)
 
-def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), layout="interleaved"):
+def mrope_cos_sin(position_ids, frequencies, mrope_section=(24, 20, 20), layout="interleaved"):
     """
     position_ids: [3, B, S] (t, h, w) positions, or [B, S] for plain 1-D positions.
+    frequencies: rope_frequencies(head_dim, ...), the frequencies [head_dim/2] and the factor of cos and sin.
     Returns cos, sin: [B, S, head_dim] float32.
     layout (config text.mrope_layout), which axis each frequency slot i turns with:
     "interleaved" (Qwen3-VL): h if i % 3 == 1 and i < 3*sections[1], w if i % 3 == 2 and i < 3*sections[2], else t.
@@ -171,7 +221,8 @@ def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), lay
     """
     if position_ids.dim() == 2:
         position_ids = position_ids[None].expand(3, -1, -1)
-    freqs = inv_freq(head_dim, theta).to(position_ids.device)                  # [head_dim/2]
+    freqs, scale = frequencies[0].to(position_ids.device), frequencies[1]     # [head_dim/2]
+    head_dim = 2 * len(freqs)
     angles = position_ids[..., None].float() * freqs                            # [3, B, S, head_dim/2]
     slot = torch.arange(head_dim // 2, device=position_ids.device)
     if layout == "interleaved":
@@ -185,4 +236,4 @@ def mrope_cos_sin(position_ids, head_dim, theta, mrope_section=(24, 20, 20), lay
         raise ValueError(f"layout={layout!r}: must be 'interleaved', 'chunked' or 'text'")
     angles = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]  # [B, S, head_dim/2]
     emb = torch.cat([angles, angles], dim=-1)                                   # [B, S, head_dim]
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale                                 # scale 1 leaves them exact

@@ -184,10 +184,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         raise ValueError(f"generator on {generator.device}: must be on the device of input_ids ({device})")
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
-    context = model.cfg.text.max_position_embeddings
+    context = model.cfg.text.context_length
     if S + max_new_tokens > context:
         raise ValueError(f"the prompt ({S} tokens) plus max_new_tokens ({max_new_tokens}) is longer than the "
-                         f"context ({context} = max_position_embeddings)")
+                         f"context ({context}: max_position_embeddings, or a RoPE scaling's extended length)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     T = S + max_new_tokens

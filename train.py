@@ -13,7 +13,8 @@ data behind the interface of data/__init__.py.
 Stages (`--stages name:steps,...`, run in order), the paper's:
     align     stage 0: only the mergers learn (ViT and LLM frozen), loss on the replies
     pretrain  stage 1: all weights, next-token loss on every text token
-    long      stage 2: all weights, rows of 2x seq_len
+    long      stage 2: all weights, rows of --long_seq_mult x --seq_len (the paper's 32K after 8K)
+    ultralong stage 3: all weights, rows of 32 x --seq_len (the paper's 256K after 8K)
     sft       post-training: loss on the assistant's tokens only; after other stages its learning rate restarts
 A dataset may name stages of its own, each a setting of one of these with its own mix (the toy recipe, data/toy.py:
 shapes, video, binding).
@@ -70,11 +71,29 @@ from tokenizer import Tokenizer
 # ----------------------------------------------------------------------------------------------------------
 # Run settings
 
-STAGES = {   # the paper's stages: trainable part, tokens that carry loss, row length multiplier, and whether it is
-             # post-training (the learning rate restarts at the first such stage that follows others, lr_at)
+# The paper's stages (Qwen3-VL Technical Report §3.1 and Table 1, §4.1) and what they are here. A stage's rows are
+# --seq_len x its multiplier (long: x --long_seq_mult): at the paper's --seq_len 8192 they are the paper's rows.
+#
+#   paper                                          here
+#   stage                     trains   tokens  rows    stage       rows (default)   toy recipe (data/toy.py)
+#   0 vision-language align   mergers  67B     8K      align       --seq_len  8K    align          192
+#   1 multimodal pretraining  all      ~1T     8K      pretrain    --seq_len  8K    shapes, pretrain, video 192
+#   2 long-context pretrain   all      ~1T     32K     long        x4        32K    long           384 (x2)
+#   3 ultra-long adaptation   all      100B    256K    ultralong   x32      256K    -
+#   post-training SFT         all      -       32K,    sft         --seq_len  8K    binding, sft   192
+#                                              256K
+#
+# Stages 2 and 3 add long documents and long videos to the mix; here a stage's mix is the data's (a recipe's own
+# stages, as the toy's), the paper's stages set what learns, which tokens carry loss and the rows. The RoPE
+# base is the checkpoint config's rope_theta in every stage (5,000,000 in every released size): the long stages
+# change the rows, not the positions' frequencies. The paper's SFT runs 32K then 256K rows: --seq_len 32768, then
+# 262144. Past 256K the released models extend with YaRN (text.rope_scaling; config.TextConfig.context_length).
+STAGES = {   # trainable part, tokens that carry loss, row length multiplier (None: --long_seq_mult), and whether it
+             # is post-training (the learning rate restarts at the first such stage that follows others, lr_at)
     "align": dict(trainable="mergers", loss_on="assistant", seq_mult=1, post=False),
     "pretrain": dict(trainable="all", loss_on="text", seq_mult=1, post=False),
-    "long": dict(trainable="all", loss_on="text", seq_mult=2, post=False),
+    "long": dict(trainable="all", loss_on="text", seq_mult=None, post=False),
+    "ultralong": dict(trainable="all", loss_on="text", seq_mult=32, post=False),
     "sft": dict(trainable="all", loss_on="assistant", seq_mult=1, post=True),
 }
 
@@ -114,7 +133,10 @@ def get_parser():
                    " (and a dataset's own: the toy world's " + ", ".join(n for n in TOY_STAGES if n not in STAGES)
                    + ")")
     p.add_argument("--batch_size", type=int, default=1, help="packed rows per micro-step per rank")
-    p.add_argument("--seq_len", type=int, default=4096, help="tokens per packed row (x2 in the long stage)")
+    p.add_argument("--seq_len", type=int, default=8192, help="tokens per packed row of stages 0 and 1 and SFT (the "
+                   "paper's 8K); --long_seq_mult x in the long stage, 32 x in ultralong")
+    p.add_argument("--long_seq_mult", type=int, default=4, help="rows of the long stage, in --seq_len (the paper's "
+                   "32K rows after 8K)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--loss_weighting", default="token", choices=["token", "sqrt"], help="token: the mean over target "
                    "tokens; sqrt: each sample's tokens weigh 1/sqrt(its target count), balancing long and short ones")
@@ -150,7 +172,7 @@ def get_parser():
                    help="compute dtype (auto: bf16 on cuda)")
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--cp", type=int, default=1, help="context parallelism: split each row's sequence over this many "
-                   "ranks (torchrun, CUDA; --seq_len a multiple of 128 x cp)")
+                   "ranks (torchrun, CUDA; --seq_len a multiple of 128 x cp); --plan: over cp of the --n_gpus GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--export_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the final Hugging Face export (bfloat16: half the size, as released checkpoints)")
@@ -167,9 +189,9 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     """--help shows the module docstring as written and every flag's default."""
 
 
-AT_LEAST = dict(batch_size=1, seq_len=8, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0, test_samples=0,
-                max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1, image_size=96,
-                min_pixels=0, max_pixels=0, cp=1)
+AT_LEAST = dict(batch_size=1, seq_len=8, long_seq_mult=1, grad_accum=1, vocab_size=300, eval_every=0, eval_samples=0,
+                test_samples=0, max_new_tokens=1, log_every=1, warmup=0, keep_checkpoints=1, data_workers=0, n_gpus=1,
+                cp=1, image_size=96, min_pixels=0, max_pixels=0)
 
 
 def parse_args(argv=None):
@@ -228,6 +250,25 @@ def parse_args(argv=None):
 def base_stage(name, data):
     """The paper's stage (STAGES) a stage name is a setting of: its own, or the dataset's (the toy recipe's)."""
     return name if name in STAGES else data.stages[name]
+
+
+def stage_seq_len(name, data, args):
+    """Tokens per packed row in stage `name`: --seq_len x the multiplier of its paper stage (long: --long_seq_mult)."""
+    mult = STAGES[base_stage(name, data)]["seq_mult"]
+    return args.seq_len * (args.long_seq_mult if mult is None else mult)
+
+
+def check_rows(args, data, cfg):
+    """Every stage's rows fit the model's context (text.max_position_embeddings, or what a RoPE scaling extends it
+    to): refused before the first step, with the numbers and the flags that set them."""
+    for name, _ in args.stage_list:
+        n = stage_seq_len(name, data, args)
+        if n > cfg.text.context_length:
+            scaled = f" ({cfg.text.rope_scaling['rope_type']} RoPE scaling)" if cfg.text.rope_scaling else ""
+            raise ValueError(f"--stages {name}: rows of {n} tokens (--seq_len {args.seq_len} x "
+                             f"{n // args.seq_len}) are longer than the model's context of "
+                             f"{cfg.text.context_length} tokens{scaled}; lower --seq_len (or --long_seq_mult), or "
+                             "extend the context in the config (text_config rope_scaling, e.g. YaRN)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,7 +358,7 @@ class MicroBatches(torch.utils.data.Dataset):
         stage = stage_of(step, a.stage_list)
         first = step * a.batch_size * a.grad_accum * self.world_size + (m * self.world_size + self.rank) * a.batch_size
         skipped = self.packer.skipped
-        seq_len = a.seq_len * STAGES[base_stage(stage, self.packer.data)]["seq_mult"]
+        seq_len = stage_seq_len(stage, self.packer.data, a)
         batch = self.packer.batch(range(first, first + a.batch_size), stage, seq_len)
         return dict(batch, skipped=self.packer.skipped - skipped)
 
@@ -801,60 +842,96 @@ def plot(out_dir, metrics, stage_list, chance, curve="loss"):
 PEAK_FLOPS = 989e12          # dense bf16 FLOP/s of an H100 / H200: MFU = model FLOPs per second / this
 
 
-def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_fraction=0.5):
-    """
-    Per-GPU memory (bytes) and FLOPs per token of a training step under FSDP2 with bf16 compute. Model state
-    (sharded): fp32 parameters 4P, fp32 gradients 4P, AdamW moments 8P, all / n_gpus; plus the unsharded bf16
-    parameters of the two largest units in flight (current and prefetched). Activations (bf16, saved for the
-    backward) per token and block, counted tensor by tensor from model.py; with checkpointing only each block's
-    input is kept plus one block's worth being recomputed. The logits are kept in bf16 and fp32 (cross-entropy).
-    """
-    t, v = cfg.text, cfg.vision
+GPU_MEMORY = 141e9      # bytes of one H200 (141 GB), the GPU the plan counts in
+LOSS_CHUNK = 1024       # tokens whose logits exist at once in the loss (model.chunked_cross_entropy's chunk_size)
+
+
+def param_counts(cfg):
+    """Parameters of the model of cfg (built on the meta device): all, those of each FSDP unit, those of the ViT."""
     with torch.device("meta"):
         model = Qwen3VL(cfg)
     P = model.num_params()
+    vit_params = sum(p.numel() for p in model.visual.parameters())
     units = [sum(p.numel() for p in layer.parameters()) for layer in model.language_model.layers]
-    units += [sum(p.numel() for p in model.visual.parameters()), P - sum(units) - sum(p.numel() for p in model.visual.parameters())]
+    return P, units + [vit_params, P - sum(units) - vit_params], vit_params
+
+
+def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_fraction=0.5, cp=1, counts=None):
+    """
+    Per-GPU memory (bytes) and FLOPs per token of a training step under FSDP2 with bf16 compute, with the sequence
+    split over `cp` GPUs (context parallelism; n_gpus counts them all, FSDP shards over all of them).
+    Model state (sharded): fp32 parameters 4P, fp32 gradients 4P, AdamW moments 8P, all / n_gpus; plus the
+    unsharded bf16 parameters of the two largest units in flight (current and prefetched).
+    Activations (bf16, saved for the backward) per token and block, counted tensor by tensor from model.py, for the
+    seq_len x batch_size / cp tokens of this GPU: linear in the row length. Attention is FlexAttention over packed
+    rows (what a CUDA run uses): it saves q, k, v, its output and the fp32 log-sum-exp of each head, and no [S, S]
+    mask or score matrix (the dense path, on the CPU, would add a [B, S, S] mask). With checkpointing only each
+    block's input is kept plus one block's worth being recomputed. With cp > 1 one layer's K and V of the whole row
+    are gathered during its attention. The loss is chunked (model.chunked_cross_entropy): the final hidden states
+    are kept and LOSS_CHUNK tokens' logits exist at once (bf16 head output, fp32 logits and their gradient), never
+    the [S, V] logits. counts: param_counts(cfg), when already known.
+    """
+    t, v = cfg.text, cfg.vision
+    P, units, vit_params = counts or param_counts(cfg)
     state = 16 * P / n_gpus + 2 * 2 * sorted(units)[-1] + 2 * 2 * sorted(units)[-2]
-    tokens = seq_len * batch_size
+    tokens = seq_len * batch_size / cp                            # this GPU's share of the rows
     H, I, q, kv = t.hidden_size, t.intermediate_size if t.num_experts == 0 else t.moe_intermediate_size * t.num_experts_per_tok, \
         t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     # LLM block, bytes per token (bf16): input, norm out, q/k/v (+ normed/rotated q,k), attention out, residual,
-    # norm out, gate/up/silu/product, plus fp32 norm statistics
-    llm = 2 * (H + H + 2 * q + 4 * kv + q + H + H + 4 * I) + 4 * 4
+    # norm out, gate/up/silu/product, plus fp32 norm statistics and the attention's fp32 log-sum-exp per head
+    llm = 2 * (H + H + 2 * q + 4 * kv + q + H + H + 4 * I) + 4 * 4 + 4 * t.num_attention_heads
     D, Iv = v.hidden_size, v.intermediate_size
     vit = 2 * (D + D + 3 * D + 2 * D + D + D + D + 2 * Iv)       # per patch
     patches = 4 * visual_fraction * tokens                        # 4 patches per visual token (2x2 merge)
     full = tokens * llm * t.num_hidden_layers + patches * vit * v.depth
     kept = tokens * 2 * H * t.num_hidden_layers + patches * 2 * D * v.depth + tokens * llm + patches * vit
-    logits = tokens * t.vocab_size * (2 + 4 + 4)                  # bf16 logits, fp32 copy, fp32 grad
-    acts = (kept if activation_checkpointing else full) + logits
+    gathered_kv = 2 * 2 * kv * seq_len * batch_size if cp > 1 else 0
+    loss = tokens * 2 * H + min(LOSS_CHUNK, tokens) * t.vocab_size * (2 + 4 + 4)
+    acts = (kept if activation_checkpointing else full) + gathered_kv + loss
     emb = t.vocab_size * H
     active = P - (t.num_hidden_layers * t.num_experts * 3 * H * t.moe_intermediate_size) * (1 - t.num_experts_per_tok / max(1, t.num_experts)) if t.num_experts else P
-    vit_params = sum(p.numel() for p in model.visual.parameters())
     llm_flops = 6 * (active - vit_params - emb * (1 if cfg.tie_word_embeddings else 2)) + 6 * emb \
         + 6 * t.num_hidden_layers * q * seq_len                  # causal attention: half of 12 L q S
     vit_flops = 4 * visual_fraction * 6 * vit_params             # per LLM token, 4 patches per visual token
     return dict(params=P, state=state, activations=acts, total=state + acts, flops_per_token=llm_flops + vit_flops)
 
 
+def gpus_for_row(cfg, seq_len, visual_fraction=0.5, memory=GPU_MEMORY, most=4096, counts=None):
+    """The fewest GPUs (a power of two) that train one row of seq_len tokens with activation checkpointing, FSDP and
+    the row split over all of them (cp = n_gpus), each within `memory` bytes; None if more than `most`."""
+    n, counts = 1, counts or param_counts(cfg)
+    while n <= most:
+        if plan(cfg, seq_len, 1, n, True, visual_fraction, cp=n, counts=counts)["total"] <= memory:
+            return n
+        n *= 2
+    return None
+
+
 def print_plan(args):
     """The plan of --init_from's config or of --preset ('all': every released size)."""
+    if args.n_gpus % args.cp:
+        raise ValueError(f"--cp {args.cp}: must divide --n_gpus {args.n_gpus} (the row is split over cp of the GPUs)")
     if args.init_from:
         configs = {args.init_from: read_hf_config(args.init_from)}
     elif args.preset == "all":
         configs = {n: Qwen3VLConfig.from_preset(n) for n in PRESETS if n.startswith("qwen3-vl-")}
     else:
         configs = {args.preset: Qwen3VLConfig.from_preset(args.preset, **args.arch_overrides)}
-    print(f"seq_len {args.seq_len}, batch {args.batch_size} per GPU, {args.n_gpus} GPUs, FSDP2 bf16, AdamW; "
-          f"{args.visual_fraction:.0%} visual tokens")
-    print(f"{'model':>20s} {'params':>9s} {'state/GPU':>10s} {'acts/GPU':>9s} {'acts+AC':>9s} {'total/GPU':>10s} {'TFLOP/tok':>10s}")
+    print(f"seq_len {args.seq_len}, batch {args.batch_size} per GPU, {args.n_gpus} GPUs (context parallel over "
+          f"{args.cp}), FSDP2 bf16, AdamW; {args.visual_fraction:.0%} visual tokens; FlexAttention over packed rows, "
+          f"chunked loss. GPUs/row: {GPU_MEMORY / 1e9:.0f} GB GPUs that one row of seq_len needs with checkpointing, "
+          "FSDP and the row split over all of them")
+    print(f"{'model':>20s} {'params':>9s} {'state/GPU':>10s} {'acts/GPU':>9s} {'acts+AC':>9s} {'total/GPU':>10s} "
+          f"{'TFLOP/tok':>10s} {'GPUs/row':>9s}")
     for name, c in configs.items():
-        a = plan(c, args.seq_len, args.batch_size, args.n_gpus, False, args.visual_fraction)
-        b = plan(c, args.seq_len, args.batch_size, args.n_gpus, True, args.visual_fraction)
+        counts = param_counts(c)
+        a = plan(c, args.seq_len, args.batch_size, args.n_gpus, False, args.visual_fraction, args.cp, counts)
+        b = plan(c, args.seq_len, args.batch_size, args.n_gpus, True, args.visual_fraction, args.cp, counts)
         tot = b["total"] if args.activation_checkpointing else a["total"]
+        n = gpus_for_row(c, args.seq_len, args.visual_fraction, counts=counts)
         print(f"{name:>20s} {a['params'] / 1e9:8.2f}B {a['state'] / 2**30:9.1f}G {a['activations'] / 2**30:8.1f}G "
-              f"{b['activations'] / 2**30:8.1f}G {tot / 2**30:9.1f}G {a['flops_per_token'] / 1e12:10.4f}")
+              f"{b['activations'] / 2**30:8.1f}G {tot / 2**30:9.1f}G {a['flops_per_token'] / 1e12:10.4f} "
+              f"{n or '>4096':>9}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -878,11 +955,12 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     tok, cfg, start = tokenizer_and_config(args, data, resume, run.say)
+    check_rows(args, data, cfg)
     model = build_model(args, cfg, start, resume, run)
     processor = make_processor(args, start or resume, tok, data, cfg)
     packer = Packer(data, processor, cfg, args.loss_weighting, args.skip_bad_samples)
     first = args.stage_list[0][0]
-    if not packer.row(0, first, args.seq_len * STAGES[base_stage(first, data)]["seq_mult"]):
+    if not packer.row(0, first, stage_seq_len(first, data, args)):
         raise BadSample(f"no sample fits a row of --seq_len {args.seq_len}: nothing to train on")
     os.makedirs(args.out_dir, exist_ok=True)
     run.say(f"writing to {os.path.abspath(args.out_dir)}")
@@ -1119,7 +1197,7 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         t0 = time.time()
-        seq_len = args.seq_len * base["seq_mult"]
+        seq_len = stage_seq_len(stage, packer.data, args)
         rows_per_step = args.batch_size * args.grad_accum * run.dp_size
         micro = [next(loader) for _ in range(args.grad_accum)]          # this rank's micro-batches of the step
         skipped += sum(b.pop("skipped") for b in micro)

@@ -13,6 +13,7 @@ SETTINGS = dict(
     stages="align:240,shapes:160,pretrain:600,video:480,long:140,binding:120,sft:480",
     batch_size=4,                   # 4 rows of 192 tokens (about 5 samples each): more steps beat bigger ones here
     seq_len=192,
+    long_seq_mult=2,                # long-stage rows of 384 tokens: several videos and comparisons a row, as tuned
     lr=1e-3,                        # a model this small learns fast; the vision path collapses at 3e-3
     warmup=30,
     sft_lr_ratio=0.5,               # post-training restarts at half the peak, a cosine of its own

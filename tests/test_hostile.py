@@ -355,7 +355,7 @@ GENERATE_CASES = [   # (argument, value, error, message)
     ("pixel_values", torch.full((24, 1536), math.nan), ValueError,
      "pixel_values holds NaN or infinite values: must be finite (check_finite=False skips this check)"),
     ("max_new_tokens", 4077, ValueError, "the prompt (20 tokens) plus max_new_tokens (4077) is longer than the context "
-                                         "(4096 = max_position_embeddings)"),
+                                         "(4096: max_position_embeddings, or a RoPE scaling's extended length)"),
 ]
 
 

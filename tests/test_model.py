@@ -229,8 +229,9 @@ BAD_CONFIGS = {   # (preset, format, edit, the error after the file's name)
                        r"transformers_version is '6\.0\.0'; the config.json formats read here are transformers "
                        r"4\.57\.x \(Qwen3-VL's first\) and 5\.x"),
     "old_version": ("toy-cpu", "v4", edit(top={"transformers_version": "4.45.2"}), r"transformers_version is '4\.45\.2'"),
-    "yarn": ("toy-cpu", "v5", edit(text_rope={"rope_type": "yarn", "factor": 3.0}),
-             r"text_config\.rope_parameters\.rope_type is 'yarn'; only 'default'"),
+    "longrope": ("toy-cpu", "v5", edit(text_rope={"rope_type": "longrope", "factor": 3.0}),
+                 r"text\.rope_scaling: rope_type 'longrope' is not implemented; supported: default \(rope_scaling "
+                 r"None\), linear, yarn"),
     "rope_key": ("toy-cpu", "v5", edit(text_rope={"factor": 3.0}),
                  r"unknown text_config\.rope_parameters key\(s\) \['factor'\]; known: rope_type, rope_theta"),
     "no_theta": ("toy-cpu", "v5", edit(text_rope={"rope_theta": DROP}), "text_config has no rope_theta"),

@@ -3,7 +3,7 @@ import torch
 from conftest import IMG, VE, VID, VS, make_batch, reference_inputs
 from test_vision import first_block_inputs
 
-from rope import mrope_cos_sin, rope_index, vision_cos_sin
+from rope import mrope_cos_sin, rope_frequencies, rope_index, vision_cos_sin
 from vision import patch_coordinates
 
 
@@ -68,7 +68,7 @@ def test_mrope_interleaved_matches_reference(pair):
     rot = ref.model.language_model.rotary_emb
     x = torch.zeros(1, pos.shape[-1], 64)
     ref_cos, ref_sin = rot(x, pos)
-    cos, sin = mrope_cos_sin(pos, 16, 5_000_000.0, [4, 2, 2], layout="interleaved")
+    cos, sin = mrope_cos_sin(pos, rope_frequencies(16, 5_000_000.0), [4, 2, 2], layout="interleaved")
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
 
@@ -81,15 +81,15 @@ def test_mrope_slot_layout_real_sizes():
     freqs = 1.0 / theta ** (torch.arange(0, 128, 2).float() / 128)
     for layout, axes in (("interleaved", [0, 1, 2] * 20 + [0] * 4), ("chunked", [0] * 24 + [1] * 20 + [2] * 20),
                          ("text", [0] * 64)):
-        cos, _ = mrope_cos_sin(pos, 128, theta, [24, 20, 20], layout)
+        cos, _ = mrope_cos_sin(pos, rope_frequencies(128, theta), [24, 20, 20], layout)
         angle = torch.tensor([a + 1.0 for a in axes]) * freqs
         torch.testing.assert_close(cos[0, 0], torch.cat([angle, angle]).cos())
 
 
 def test_mrope_text_is_1d_rope():
     pos = torch.arange(10)[None]
-    cos3, sin3 = mrope_cos_sin(pos[None].expand(3, -1, -1), 128, 5e6)
-    cos1, sin1 = mrope_cos_sin(pos, 128, 5e6)
+    cos3, sin3 = mrope_cos_sin(pos[None].expand(3, -1, -1), rope_frequencies(128, 5e6))
+    cos1, sin1 = mrope_cos_sin(pos, rope_frequencies(128, 5e6))
     assert torch.equal(cos3, cos1) and torch.equal(sin3, sin1)
 
 
