@@ -154,7 +154,8 @@ def get_parser():
     p.add_argument("--eval_every", type=int, default=500, help="steps between evaluations and checkpoints (0: end only)")
     p.add_argument("--eval_samples", type=int, default=50, help="evaluation samples per task during training (0: "
                    "no evaluation, checkpoints only)")
-    p.add_argument("--test_samples", type=int, default=0, help="samples per task at the end (0: all of a file)")
+    p.add_argument("--test_samples", type=int, default=0, help="samples per task at the end (0: all of a file; the "
+                   "toy world: no test)")
     p.add_argument("--eval_tasks", default="", help="tasks scored in evaluation and at the end, comma-separated "
                    "(default: all of the data's; the toy world's: the toy run's, not the studies' of ablate.py)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest answer generated in evaluation")
@@ -1056,6 +1057,8 @@ def open_datasets(args):
                  if eval_spec else None)
     test_data = (open_data(test_spec, "test", args.seed, args.image_size, strict=False, tasks=tasks)
                  if test_spec else None)
+    if test_data is not None and test_data.splits and not args.test_samples:
+        test_data = None                            # a generator has no "all": --test_samples 0 means no test
     return data, eval_data, test_data
 
 

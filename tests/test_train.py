@@ -388,3 +388,13 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="holds a run; --resume it"):
         train.main(TINY + ["--stages", "align:1", "--out_dir", run])
     assert open(os.path.join(run, "metrics.jsonl")).read() == before
+
+
+def test_no_test_on_the_toy_world_with_test_samples_0(tmp_path):
+    """The toy world has no end: --test_samples 0 runs no test (instead of failing after training), and says so in
+    what it writes; the run still ends with its export."""
+    out = str(tmp_path / "run")
+    args = TINY[:TINY.index("--test_samples")] + TINY[TINY.index("--test_samples") + 2:]
+    train.main(args + ["--test_samples", "0", "--eval_samples", "0", "--stages", "sft:2", "--out_dir", out])
+    assert not os.path.exists(os.path.join(out, "test_scores.json"))
+    assert os.path.isfile(os.path.join(out, "hf", "config.json"))
