@@ -236,7 +236,7 @@ def get_parser():
                    help="compute dtype (auto: bf16 on cuda)")
     p.add_argument("--seed", type=int, default=0)
     # train.build_model's settings, at the reference's values: a preset student starts as train.py's would
-    p.set_defaults(pos_embed_std=0.02, activation_checkpointing=False, init_from="")
+    p.set_defaults(pos_embed_std=0.02, activation_checkpointing=False, init_from="", cp=1)
     return p
 
 

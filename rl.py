@@ -840,6 +840,7 @@ def parse_args(argv=None):
         parser.error(f"--prompts x --group_size ({args.prompts * args.group_size} responses) must divide into "
                      f"--minibatches {args.minibatches}")
     args.arch_overrides = {}          # the policy's architecture is its checkpoint's (train.tokenizer_and_config)
+    args.cp = 1                       # rollouts decode whole sequences: no context parallelism
     return args
 
 

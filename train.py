@@ -402,18 +402,22 @@ def collate(rows, seq_len, pad_id, loss_weighting="token"):
 # Model placement: one device, or FSDP2 shards (torchrun)
 
 
-def shard(model, mesh, activation_checkpointing):
+def checkpoint_blocks(model):
+    """Activation checkpointing: every decoder and ViT block keeps only its input and recomputes the rest in the
+    backward (on one device and under FSDP alike; wrapped before sharding)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for blocks in (model.language_model.layers, model.visual.blocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+
+
+def shard(model, mesh):
     """
     FSDP2 the torchtitan way: each decoder block and the whole vision encoder are units of their own, the root
     keeps the embeddings, final norm and (tied) head. Parameters are all-gathered in bf16, gradients reduced in
-    fp32; the optimizer sees fp32 shards. Activation checkpointing wraps blocks before sharding.
+    fp32; the optimizer sees fp32 shards.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for blocks in (model.language_model.layers, model.visual.blocks):
-            for i, block in enumerate(blocks):
-                blocks[i] = checkpoint_wrapper(block)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mesh.device_type == "cuda" else torch.float32,
                               reduce_dtype=torch.float32)
     fully_shard(model.visual, mesh=mesh, mp_policy=mp)
@@ -1115,8 +1119,10 @@ def build_model(args, cfg, start, resume, run):
     loads every tensor from its checkpoint later, with the optimizer)."""
     with torch.device("meta"):
         model = Qwen3VL(cfg)
+    if args.activation_checkpointing:
+        checkpoint_blocks(model)
     if run.distributed:
-        shard(model, run.mesh, args.activation_checkpointing)
+        shard(model, run.mesh)
     if run.cp_mesh is not None:
         run.cp = ContextParallel(model, run.cp_mesh)
     model.to_empty(device=run.device)
@@ -1133,8 +1139,9 @@ def build_model(args, cfg, start, resume, run):
     elif not resume:
         # every tensor at the reference's initializer_range (0.02) except the ViT's position table (--pos_embed_std)
         stds = {"visual.pos_embed.weight": args.pos_embed_std}
+        names = (plain_name(n) for n, _ in model.named_parameters())       # the same draws with checkpointing
         fill(model, ((n, Qwen3VL.initial_value(n, p.shape, args.seed, stds.get(n, 0.02)))
-                     for n, p in model.named_parameters()))
+                     for n, p in zip(names, model.parameters())))
     n_vit = sum(p.numel() for p in model.visual.parameters())
     run.say(f"model: {cfg.text.num_hidden_layers} x {cfg.text.hidden_size} LLM + {cfg.vision.depth} x "
             f"{cfg.vision.hidden_size} ViT, {model.num_params():,} parameters ({n_vit:,} in the ViT); "

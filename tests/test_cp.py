@@ -59,7 +59,7 @@ def _rank(rank, port, cfg, state, batch, norm, out):
     cp_mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "cp"))["cp"]  # one row shared by both
     with torch.device("meta"):
         model = Qwen3VL(cfg)
-    train.shard(model, mesh, activation_checkpointing=False)
+    train.shard(model, mesh)
     context_parallel = train.ContextParallel(model, cp_mesh)
     model.to_empty(device="cpu")
     train.fill(model, state.items())

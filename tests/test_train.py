@@ -398,3 +398,25 @@ def test_no_test_on_the_toy_world_with_test_samples_0(tmp_path):
     train.main(args + ["--test_samples", "0", "--eval_samples", "0", "--stages", "sft:2", "--out_dir", out])
     assert not os.path.exists(os.path.join(out, "test_scores.json"))
     assert os.path.isfile(os.path.join(out, "hf", "config.json"))
+
+
+def test_activation_checkpointing_on_one_device(tmp_path):
+    """--activation_checkpointing also works without torchrun: every block is wrapped (it recomputes in the
+    backward), the losses equal a run without it, and the export has the plain parameter names."""
+    runs = {}
+    for ac in (False, True):
+        out = str(tmp_path / f"ac{int(ac)}")
+        train.main(TINY + ["--stages", "sft:3", "--out_dir", out, "--eval_samples", "0"]
+                   + (["--activation_checkpointing"] if ac else []))
+        runs[ac] = losses(out)
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-6, atol=0)
+    exported = Qwen3VL.from_pretrained(str(tmp_path / "ac1" / "hf"))
+    assert not any("checkpoint_wrapped" in k for k in exported.state_dict())
+
+
+def test_checkpoint_blocks_wraps_every_block():
+    cfg = Qwen3VLConfig.from_preset("toy-cpu")
+    model = Qwen3VL(cfg)
+    train.checkpoint_blocks(model)
+    wrapped = [type(b).__name__ for b in [*model.language_model.layers, *model.visual.blocks]]
+    assert wrapped == ["CheckpointWrapper"] * (cfg.text.num_hidden_layers + cfg.vision.depth)
