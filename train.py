@@ -852,13 +852,28 @@ LOSS_CHUNK = 1024       # tokens whose logits exist at once in the loss (model.c
 
 
 def param_counts(cfg):
-    """Parameters of the model of cfg (built on the meta device): all, those of each FSDP unit, those of the ViT."""
+    """Parameters of the model of cfg (built on the meta device): all, those of each FSDP unit, those of the ViT, and
+    the counts model_flops needs (flop_counts)."""
     with torch.device("meta"):
         model = Qwen3VL(cfg)
     P = model.num_params()
     vit_params = sum(p.numel() for p in model.visual.parameters())
     units = [sum(p.numel() for p in layer.parameters()) for layer in model.language_model.layers]
-    return P, units + [vit_params, P - sum(units) - vit_params], vit_params
+    return P, units + [vit_params, P - sum(units) - vit_params], vit_params, flop_counts(model)
+
+
+def flop_counts(model):
+    """The matrix parameters (weights of products, not of lookups or norms) a token passes through in the decoder
+    (its layers with the MoE's chosen experts only, and the head), a patch in the ViT (patch embedding and blocks)
+    and a merged token (the merger and DeepStack mergers)."""
+    def matrices(module, keep=lambda name: True):
+        return sum(p.numel() for name, m in module.named_modules() if not isinstance(m, torch.nn.Embedding)
+                   for p in m.parameters(recurse=False) if p.dim() >= 2 and keep(name))
+    idle = model.num_params() - model.num_active_params()                                # experts not chosen
+    v = model.visual
+    merged = matrices(v, lambda name: is_merger("visual." + name))
+    return dict(llm=matrices(model.language_model) + model.lm_head.weight.numel() - idle,
+                patch=matrices(v) - merged, merged=merged)
 
 
 def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_fraction=0.5, cp=1, counts=None):
@@ -877,7 +892,7 @@ def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_frac
     the [S, V] logits. counts: param_counts(cfg), when already known.
     """
     t, v = cfg.text, cfg.vision
-    P, units, vit_params = counts or param_counts(cfg)
+    P, units, vit_params, fc = counts or param_counts(cfg)
     state = 16 * P / n_gpus + 2 * 2 * sorted(units)[-1] + 2 * 2 * sorted(units)[-2]
     tokens = seq_len * batch_size / cp                            # this GPU's share of the rows
     H, I, q, kv = t.hidden_size, t.intermediate_size if t.num_experts == 0 else t.moe_intermediate_size * t.num_experts_per_tok, \
@@ -893,12 +908,39 @@ def plan(cfg, seq_len, batch_size, n_gpus, activation_checkpointing, visual_frac
     gathered_kv = 2 * 2 * kv * seq_len * batch_size if cp > 1 else 0
     loss = tokens * 2 * H + min(LOSS_CHUNK, tokens) * t.vocab_size * (2 + 4 + 4)
     acts = (kept if activation_checkpointing else full) + gathered_kv + loss
-    emb = t.vocab_size * H
-    active = P - (t.num_hidden_layers * t.num_experts * 3 * H * t.moe_intermediate_size) * (1 - t.num_experts_per_tok / max(1, t.num_experts)) if t.num_experts else P
-    llm_flops = 6 * (active - vit_params - emb * (1 if cfg.tie_word_embeddings else 2)) + 6 * emb \
-        + 6 * t.num_hidden_layers * q * seq_len                  # causal attention: half of 12 L q S
-    vit_flops = 4 * visual_fraction * 6 * vit_params             # per LLM token, 4 patches per visual token
-    return dict(params=P, state=state, activations=acts, total=state + acts, flops_per_token=llm_flops + vit_flops)
+    # FLOPs: one document filling each row (the most attention a row can cost; a packed row costs less), its visual
+    # tokens in images of 1024 patches (512 x 512 pixels)
+    frames = [1024] * round(patches / 1024)
+    flops = model_flops(cfg, fc, tokens, [seq_len] * batch_size, frames) / tokens
+    return dict(params=P, state=state, activations=acts, total=state + acts, flops_per_token=flops)
+
+
+def model_flops(cfg, fc, tokens, lengths, frames):
+    """
+    Forward + backward FLOPs of a training step (the MFU's numerator; fc: flop_counts): 6 x the parameters each token,
+    patch and merged token passes through, and attention, 12 x width for each (query, key) pair a layer scores (QK^T
+    and PV, 2 FLOPs a multiply-add, x 3 with the backward): in the decoder within each document (`lengths`: the rows'
+    runs of document_ids, padding included), causal, n (n + 1) / 2 pairs; in the ViT within each frame group
+    (`frames`: patches of each), all n^2 pairs. Work on pairs a mask hides is not counted.
+    """
+    t, v = cfg.text, cfg.vision
+    patches = sum(frames)
+    dense = 6 * (fc["llm"] * tokens + fc["patch"] * patches + fc["merged"] * patches // v.spatial_merge_size ** 2)
+    llm_pairs = sum(n * (n + 1) // 2 for n in lengths)
+    vit_pairs = sum(n * n for n in frames)
+    return dense + 12 * (t.num_attention_heads * t.head_dim * t.num_hidden_layers * llm_pairs
+                         + v.hidden_size * v.depth * vit_pairs)
+
+
+def frame_sizes(batch):
+    """The patches of each frame group the ViT attends within, for a micro-batch's image and video grids."""
+    return [int(h * w) for key in ("image_grid_thw", "video_grid_thw") if batch.get(key) is not None
+            for t, h, w in batch[key].tolist() for _ in range(t)]
+
+
+def document_lengths(document_ids):
+    """[B, S] document ids of packed rows -> the length of every document (each row's runs of one id)."""
+    return [n for row in document_ids for n in torch.unique_consecutive(row, return_counts=True)[1].tolist()]
 
 
 def gpus_for_row(cfg, seq_len, visual_fraction=0.5, memory=GPU_MEMORY, most=4096, counts=None):
@@ -1175,9 +1217,10 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
     total_steps = sum(n for _, n in args.stage_list)
     restart = post_start(args.stage_list, packer.data)
     planned = plan(cfg, args.seq_len, args.batch_size, run.world_size, args.activation_checkpointing)
-    fpt = planned["flops_per_token"]
     say(f"plan: {planned['total'] / 2**30:.1f} GiB per GPU ({planned['state'] / 2**30:.1f} model state, "
-        f"{planned['activations'] / 2**30:.1f} activations), {fpt / 1e9:.2f} GFLOP per token")
+        f"{planned['activations'] / 2**30:.1f} activations), {planned['flops_per_token'] / 1e9:.2f} GFLOP per "
+        "token (at most)")
+    fc = param_counts(cfg)[3]              # MFU: each step's FLOPs from its rows' documents and frames (model_flops)
     peak = PEAK_FLOPS if device.type == "cuda" else None
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a", buffering=1) if run.rank == 0 else None   # by line
     t_start, tokens_run = time.time(), 0
@@ -1210,6 +1253,8 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
         seq_len = stage_seq_len(stage, packer.data, args)
         rows_per_step = args.batch_size * args.grad_accum * run.dp_size
         micro = [next(loader) for _ in range(args.grad_accum)]          # this rank's micro-batches of the step
+        flops = run.dp_size * sum(model_flops(cfg, fc, b["input_ids"].numel(), document_lengths(b["document_ids"]),
+                                              frame_sizes(b)) for b in micro)
         skipped += sum(b.pop("skipped") for b in micro)
         # the step's loss is the mean over all its target tokens (weighted: a weighted mean), on every rank and
         # micro-step
@@ -1258,7 +1303,7 @@ def train(args, run, model, optimizer, tok, processor, packer, eval_data, step, 
                 if run.distributed:
                     mems = [torch.empty_like(mem) for _ in range(run.world_size)]
                     dist.all_gather(mems, mem)
-                gpu_stats = f" | MFU {100 * fpt * tps / (peak * run.world_size):.1f}% | peak mem " \
+                gpu_stats = f" | MFU {100 * flops / dt / (peak * run.world_size):.1f}% | peak mem " \
                             f"{'/'.join(f'{m.item():.1f}' for m in mems)} GiB"
             eta = (time.time() - t_start) / tokens_run * tokens * (total_steps - step)
             say(f"step {step:5d}/{total_steps} | {stage:8s} | loss {loss_value:.4f} | lr {lr:.2e} | "

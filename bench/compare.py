@@ -11,7 +11,7 @@ Rows (forward + backward where it says "train", bf16 parameters, no optimizer; m
    FlexAttention in the decoder and the ViT, chunked loss. The reference trains them the way its users do: padded
    batches (right padding, attention_mask), as many samples per batch as fit --seq_len padded tokens, gradients
    accumulated over the batches of the row. Useful (non-pad) tokens/s for both; our MFU with train.py's formula
-   (train.plan's FLOPs per token at the row's share of visual tokens, times the row's tokens/s, over PEAK_FLOPS).
+   (train.model_flops of the row's documents and frame groups per second, over PEAK_FLOPS).
 2. vit: the 8B ViT and its mergers (of row 1's models) on a batch of images of mixed sizes; patches/s.
 3. prefill: the whole qwen3-vl-8b, a --prefill_len prompt at batch 1: time to the first token of generate.
    decode: --new tokens after a --decode_len prompt at batch 1 and 32, each token timed when it reaches the host.
@@ -43,7 +43,7 @@ from model import Qwen3VL  # noqa: E402
 from moe import SparseMoeBlock, experts_to_checkpoint  # noqa: E402
 from rope import rope_index  # noqa: E402
 from sample import generate  # noqa: E402
-from train import PEAK_FLOPS, collate, plan  # noqa: E402
+from train import PEAK_FLOPS, collate, document_lengths, flop_counts, frame_sizes, model_flops  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12          # H200 datasheet
 PAD_ID = 151643                   # <|endoftext|> (the smoke test's small vocabulary pads with 0)
@@ -291,7 +291,8 @@ def train_row(args, model, ref, grids, text_len, shape, device, dtype, timer):
     t_ref, loss_ref = timer(ref_step)
     mfu = None                                                           # against a GPU's peak only
     if device.type == "cuda":
-        mfu = plan(cfg, args.seq_len, 1, 1, False, visual)["flops_per_token"] * args.seq_len / t_ours / PEAK_FLOPS
+        mfu = model_flops(cfg, flop_counts(model), kw["input_ids"].numel(), document_lengths(kw["document_ids"].cpu()),
+                          frame_sizes(kw)) / t_ours / PEAK_FLOPS
     mfu_note = "no MFU on the CPU" if mfu is None else f"MFU {100 * mfu:.1f}%"
     return row("train", f"{shape} shape, {cfg.text.num_hidden_layers} layers: {len(items)} samples, {useful} useful "
                         f"tokens ({visual:.0%} visual)", useful / t_ours, useful / t_ref, "useful tok/s",

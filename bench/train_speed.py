@@ -10,10 +10,9 @@ pixels, an image or a video in every packed sample), forward + backward, one tab
 2. the ViT and its mergers alone on mixed image sizes and videos: per-size dense batches vs FlexAttention.
 3. the loss alone at the 8B head (8192 tokens, V = 151936): full logits + cross-entropy vs chunked, peak memory.
 
-MFU = model FLOPs / time / 989e12 (H100/H200 dense bf16). Model FLOPs of a step: 6 x parameters x the tokens they
-process (decoder layers and head per token, input embeddings excluded; ViT blocks per patch, mergers per merged
-token) + attention, 12 x width x the (query, key) pairs each layer must score: per packed document (causal, its
-L(L+1)/2 pairs) in the decoder, per frame group (L^2) in the ViT. Work on masked pairs is not counted.
+MFU = model FLOPs / time / 989e12 (H100/H200 dense bf16), train.py's: train.model_flops (6 x the matrix parameters
+each token, patch and merged token passes through, + 12 x width x the (query, key) pairs each layer scores: per
+packed document, causal, in the decoder; per frame group in the ViT).
 
     python bench/train_speed.py --smoke      # CPU, tiny shapes, a minute: checks that everything runs
     python bench/train_speed.py              # CUDA (one H200): the table above
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
+import train  # noqa: E402
 from compare import build  # noqa: E402  (bench/compare.py: random weights drawn on the device)
 from model import Qwen3VL, Qwen3VLConfig, chunked_cross_entropy  # noqa: E402
 from rope import rope_index  # noqa: E402
@@ -111,29 +111,10 @@ def packed_rows(cfg, n_rows, seq_len, grids, text_len, seed=0):
     return {k: v.to(device) for k, v in kw.items()}, labels.to(device)
 
 
-def vit_flops(v, grid):
-    """Model FLOPs of the ViT v (a VisionEncoder) and its mergers, forward + backward, on the patches of grid [n, 3]."""
-    patches = int(grid.prod(-1).sum())
-    per_patch = sum(p.numel() for p in v.blocks.parameters()) + sum(p.numel() for p in v.patch_embed.parameters())
-    mergers = sum(p.numel() for p in v.merger.parameters()) + sum(p.numel() for p in v.deepstack_merger_list.parameters())
-    pairs = int((grid[:, 0] * (grid[:, 1] * grid[:, 2]) ** 2).sum())                  # per frame group, L^2
-    return 6 * per_patch * patches + 6 * mergers * patches // 4 + 12 * v.cfg.hidden_size * pairs * v.cfg.depth
-
-
 def step_flops(model, kw):
-    """Model FLOPs of a training step (see the module docstring)."""
-    t = model.cfg.text
-    T = kw["input_ids"].numel()
-    emb = model.language_model.embed_tokens.weight.numel()
-    idle = model.num_params() - model.num_active_params()                              # MoE experts not chosen
-    llm = sum(p.numel() for p in model.language_model.parameters()) - emb + model.lm_head.weight.numel() - idle
-    doc_lengths = torch.cat([torch.unique_consecutive(row, return_counts=True)[1] for row in kw["document_ids"].cpu()])
-    pairs = int((doc_lengths * (doc_lengths + 1) // 2).sum())
-    flops = 6 * llm * T + 12 * t.num_attention_heads * t.head_dim * pairs * t.num_hidden_layers
-    for key in ("image_grid_thw", "video_grid_thw"):
-        if key in kw:
-            flops += vit_flops(model.visual, kw[key].cpu())
-    return flops
+    """Model FLOPs of a training step: train.model_flops on the batch's documents and frame groups."""
+    return train.model_flops(model.cfg, train.flop_counts(model), kw["input_ids"].numel(),
+                             train.document_lengths(kw["document_ids"].cpu()), train.frame_sizes(kw))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,7 +205,7 @@ def vit_steps(case, cfg, grids, dtype):
     grid = torch.tensor(grids, device=device)
     N = int(grid.prod(-1).sum())
     pixels = torch.randn(N, 1536, device=device, dtype=dtype)
-    flops = vit_flops(vit, grid.cpu())
+    flops = train.model_flops(cfg, train.param_counts(cfg)[3], 0, [], train.frame_sizes({"image_grid_thw": grid}))
     case = f"{case}: {len(grids)} images/videos, {N} patches"
 
     def step(impl):

@@ -420,3 +420,31 @@ def test_checkpoint_blocks_wraps_every_block():
     train.checkpoint_blocks(model)
     wrapped = [type(b).__name__ for b in [*model.language_model.layers, *model.visual.blocks]]
     assert wrapped == ["CheckpointWrapper"] * (cfg.text.num_hidden_layers + cfg.vision.depth)
+
+
+def test_model_flops_count_every_matmul_of_a_step():
+    """model_flops (the MFU's numerator): the decoder layers' matrix products in a text-only forward + backward equal
+    torch's own FLOP count of them (the head is counted once forward and backward, 6 H V a token, whatever the
+    chunked loss recomputes), and the attention terms count each document's causal pairs and each frame's pairs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = Qwen3VLConfig.from_preset("toy-cpu")
+    model = Qwen3VL(cfg)
+    model.init_weights(seed=0)
+    fc = train.flop_counts(model)
+    ids = torch.randint(0, 300, (2, 48))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(ids, labels=ids)
+        loss.backward()
+    layers = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                 if name.startswith("Qwen3VL.language_model.layers.") and name.count(".") == 3)   # each layer once
+    head = 6 * cfg.text.vocab_size * cfg.text.hidden_size * ids.numel()       # the head's, forward and backward
+    assert layers == train.model_flops(cfg, fc, ids.numel(), [], []) - head
+    t = cfg.text
+    width = t.num_attention_heads * t.head_dim * t.num_hidden_layers
+    assert train.model_flops(cfg, fc, 0, [3, 5], []) == 12 * width * (6 + 15)          # 3*4/2 + 5*6/2 pairs
+    v = cfg.vision
+    assert train.model_flops(cfg, fc, 0, [], [16, 4]) == 6 * (fc["patch"] * 20 + fc["merged"] * 5) \
+        + 12 * v.hidden_size * v.depth * (256 + 16)
+    assert train.frame_sizes({"image_grid_thw": torch.tensor([[1, 4, 4]]), "video_grid_thw": torch.tensor([[2, 2, 4]])}) \
+        == [16, 8, 8]
+    assert train.document_lengths(torch.tensor([[0, 0, 1, 1, 1, 2]])) == [2, 3, 1]
