@@ -72,7 +72,7 @@ import torch.nn.functional as F
 import train
 from checks import check_number
 from data import BadSample, open_data
-from config import PRESETS, Qwen3VLConfig, read_hf_config
+from config import PRESETS, Qwen3VLConfig, parse_arch, read_hf_config
 from sample import generate, load_model, load_processor
 
 
@@ -187,6 +187,8 @@ def get_parser():
                    "train.py output directory (its latest checkpoint)")
     p.add_argument("--student", required=True, help="the same kinds of directory, or a preset built from scratch "
                    "with the teacher's tokenizer and number of logits and the preset's sizes: " + ", ".join(PRESETS))
+    p.add_argument("--student_arch", default="", help="a preset student's config fields over the preset's, as "
+                   "train.py's --arch (config.parse_arch), e.g. text.num_hidden_layers=2")
     p.add_argument("--phase", default="off", choices=["off", "on"], help="off: forward KL to the teacher's top-k "
                    "along given replies; on: reverse KL along the student's own samples")
     # data
@@ -209,7 +211,8 @@ def get_parser():
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply the student (on-policy) or the "
                    "teacher (--teacher_answers) writes")
     # optimisation
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=100, help="0: only the held-out KL and the Hugging Face export "
+                   "(a preset student's initial weights, or another model's KL)")
     p.add_argument("--batch_size", type=int, default=8, help="samples per step")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (warmup, then a cosine)")
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
@@ -243,7 +246,7 @@ def get_parser():
 def parse_args(argv=None):
     """The flags, each checked (ValueError / TypeError naming it); those that need the models are checked in main."""
     args = get_parser().parse_args(argv)
-    for name, low in (("steps", 1), ("batch_size", 1), ("eval_samples", 0), ("eval_every", 0), ("top_k", 1),
+    for name, low in (("steps", 0), ("batch_size", 1), ("eval_samples", 0), ("eval_every", 0), ("top_k", 1),
                       ("max_new_tokens", 1), ("warmup", 0), ("keep_checkpoints", 1), ("seed", 0)):
         check_number(f"--{name}", getattr(args, name), low, integer=True)
     check_number("--temperature", args.temperature, 0, low_open=True)
@@ -256,6 +259,9 @@ def parse_args(argv=None):
         raise ValueError("--lambda_off mixes off-policy batches into --phase on; --phase off has only those")
     if args.phase == "on" and args.teacher_answers and not args.lambda_off:
         raise ValueError("--teacher_answers changes the off-policy batches: with --phase on it needs --lambda_off > 0")
+    if args.student_arch and args.student not in PRESETS:
+        raise ValueError(f"--student_arch {args.student_arch}: builds a new student from a preset; --student "
+                         f"{args.student!r} is not one ({', '.join(PRESETS)})")
     if args.teacher_cache and args.phase == "on":
         raise ValueError("--teacher_cache holds the off-policy phase's teacher outputs; --phase on scores the "
                          "student's samples with the teacher in memory")
@@ -286,7 +292,9 @@ def student_setup(args, teacher, resume):
         return tok, read_hf_config(resume), processor, None
     if args.student in PRESETS:
         _, teacher_tok, teacher_cfg, teacher_processor = teacher
-        cfg = Qwen3VLConfig.from_preset(args.student, text=dict(vocab_size=teacher_cfg.text.vocab_size),
+        arch = parse_arch(args.student_arch)
+        text = {**arch.pop("text", {}), "vocab_size": teacher_cfg.text.vocab_size}
+        cfg = Qwen3VLConfig.from_preset(args.student, text=text, **arch,
                                         image_token_id=teacher_tok.image_token_id,
                                         video_token_id=teacher_tok.video_token_id,
                                         vision_start_token_id=teacher_tok.vision_start_id,

@@ -181,6 +181,7 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the toy world's split")
     p.add_argument("--samples", type=int, default=0, help="samples per task (0: every line of a file; the toy "
                    "world: 64)")
+    p.add_argument("--tasks", default="", help="score only these tasks, comma-separated (default: all of the data's)")
     p.add_argument("--out", default="", help="write the scores as JSON here")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=32)
@@ -194,7 +195,8 @@ def main(argv=None):
     from data import open_data
     from sample import load
     try:
-        dataset = open_data(args.data, split=args.split, strict=False)
+        dataset = open_data(args.data, split=args.split, strict=False,
+                            tasks=args.tasks.split(",") if args.tasks else None)
         device = torch.device(args.device)
         dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else None
         model, tok, processor = load(args.init_from, device, dtype)

@@ -326,6 +326,26 @@ def test_tokenizers_must_match():
             distill.check_shared_vocabulary(("T", tok, cfg), ("S", *student))
 
 
+def test_steps_0_only_measures_and_exports_a_new_student(teacher_dir, tmp_path):
+    """--steps 0 with --student_arch: a preset student with 2 LLM layers, only its held-out KL at step 0 and its
+    export; that export as --student, measured again with --steps 0, has the same KL."""
+    from model import Qwen3VL
+    made, again = tmp_path / "made", tmp_path / "again"
+    distill.main(loop_args(teacher_dir, made, "--steps", "0", "--student_arch", "text.num_hidden_layers=2"))
+    kl = logged(made, "eval_kl")
+    assert len(kl) == 1 and kl[0] > 0.1 and logged(made, "loss") == []
+    assert Qwen3VL.from_pretrained(made / "hf").cfg.text.num_hidden_layers == 2
+    distill.main(loop_args(teacher_dir, again, "--steps", "0") + ["--student", str(made / "hf")])
+    assert logged(again, "eval_kl") == pytest.approx(kl, rel=1e-5)
+
+
+def test_eval_scores_only_the_named_tasks(teacher_dir):
+    import eval
+    results = eval.main(["--init_from", teacher_dir, "--data", "toy", "--tasks", "lookup,text", "--samples", "2",
+                         "--max_new_tokens", "4", "--device", "cpu"])
+    assert set(results) == {"lookup", "text"} and all(r["n"] == 2 for r in results.values())
+
+
 def test_bad_inputs_stop_before_the_first_step(teacher_dir, tmp_path):
     """A student with another tokenizer, a teacher cache that does not match the data rows or the settings, top_k
     larger than the vocabulary, a temperature <= 0: a clear error, and no out_dir written."""
@@ -348,6 +368,9 @@ def test_bad_inputs_stop_before_the_first_step(teacher_dir, tmp_path):
                                                                     r"\(toy world train #0\) does not match the data"),
         (["--steps", "2", "--top_k", "8", "--teacher_cache", cache], "made with top_k = 16, this run has 8"),
         (["--top_k", "321"], r"--top_k 321: more than the vocabulary \(320 logits\)"),
+        (["--student", str(student), "--student_arch", "text.num_hidden_layers=2"],
+         "--student_arch text.num_hidden_layers=2: builds a new student from a preset"),
+        (["--student_arch", "text.layers=2"], "unknown key 'text.layers'"),
         (["--temperature", "0"], "--temperature=0.0: must be a finite number > 0"),
         (["--temperature", "-1"], "--temperature=-1.0: must be a finite number > 0"),
     ]
