@@ -11,7 +11,7 @@ Design ablations at toy scale, with error bars: do the design choices of the Qwe
 A study is a hypothesis, the report's direction (the variant it says is better), its variants (name -> extra
 train.py flags), the train.py flags every run shares (stages and their task mix, steps, test samples) and the tasks
 it reports. Each run (variant x seed) is one `python train.py ... --seed S --out_dir <out_dir>/<variant>/seed<S>`,
-its output in train.log there; --jobs run at once, each with cores // jobs threads (--gpu: one GPU each, round
+its output in run.log there; --jobs run at once, each with cores // jobs threads (--gpu: one GPU each, round
 robin). A run whose test_scores.json exists is done and skipped; one with a checkpoint is resumed (--resume), so the
 same command continues a stopped study. Then: results.md and results.json (per task, mean ± sd over the seeds),
 results.png (bars with sd error bars, chance marked) in --out_dir, and a dated entry in dev/LOG.md with a verdict per
@@ -158,8 +158,8 @@ def setup(study, args):
     step is (script, flags, out_dir or None, the file it writes last)."""
     if study.runner != "distill":
         return []
-    steps = [] if args.teacher else [("train.py", SHARED + CPU + TEACHER + ["--seed", "0"], args.teacher_dir,
-                                      os.path.join(args.teacher_dir, "test_scores.json"))]
+    steps = [] if args.teacher else [("train.py", SHARED + device_flags(args) + TEACHER + ["--seed", "0"],
+                                      args.teacher_dir, os.path.join(args.teacher_dir, "test_scores.json"))]
     student = os.path.dirname(args.student_init)
     return steps + [("distill.py", ["--teacher", args.teacher_dir] + STUDENT + device_flags(args) + ["--seed", "0"],
                      student, os.path.join(args.student_init, "config.json"))]
@@ -174,8 +174,7 @@ def run_steps(study, args, flags, seed, out_dir):
                  os.path.join(out_dir, "test_scores.json"))]
     if study.runner == "rl":
         return [("rl.py", ["--init_from", args.base, "--steps", str(args.steps), "--tasks", ",".join(study.tasks)]
-                 + list(study.flags) + device + flags
-                 + seed, out_dir, os.path.join(out_dir, "hf", "config.json"))]
+                 + list(study.flags) + device + flags + seed, out_dir, os.path.join(out_dir, "hf", "config.json"))]
     steps, student = [], args.student_init
     for phase, share in flags:
         d, n = os.path.join(out_dir, phase), str(max(1, round(args.steps * share)))
