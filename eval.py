@@ -303,6 +303,7 @@ def plot_needle(path, lengths, depths, tokens, maps, train_frames):
                              squeeze=False)
     trained = sum(f <= train_frames for f in lengths) - 0.5          # the border after the lengths trained at
     for ax, (title, acc) in zip(axes[0], maps.items()):
+        acc = acc.numpy()                                                     # [L, D]
         image = ax.imshow(acc.T, cmap="RdYlGn", vmin=0, vmax=1, origin="upper", aspect="auto")
         for i in range(len(lengths)):
             for j in range(len(depths)):
