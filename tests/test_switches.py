@@ -19,7 +19,7 @@ import train
 from config import ABLATIONS, Qwen3VLConfig, parse_arch, read_hf_config
 from model import Qwen3VL, prompt_positions
 from processor import Processor
-from rope import mrope_cos_sin, rope_index
+from rope import mrope_cos_sin, rope_frequencies, rope_index
 from tokenizer import Tokenizer
 
 SWITCHED = {"deepstack": dict(deepstack=False), "chunked": dict(text=dict(mrope_layout="chunked")),
@@ -109,7 +109,7 @@ def test_chunked_layout_matches_qwen2_vl_reference():
     cfg = Qwen2VLTextConfig(hidden_size=1024, num_attention_heads=8, rope_parameters=dict(
         rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20]))
     ref_cos, ref_sin = Qwen2VLRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), pos)
-    cos, sin = mrope_cos_sin(pos, 128, 5e6, [24, 20, 20], "chunked")
+    cos, sin = mrope_cos_sin(pos, rope_frequencies(128, 5e6), [24, 20, 20], "chunked")
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
 
